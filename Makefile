@@ -1,0 +1,34 @@
+# Set-up and entry points. Every target is idempotent: re-running it skips what is already done.
+PY := .venv/bin/python
+STAMP := .venv/.llamavit-installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: venv fashion-mnist demo test test-slow parity bench
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+fashion-mnist:
+	@test -f $(FMNIST) || { echo "installing Debian package dataset-fashion-mnist"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
+
+demo: venv fashion-mnist
+	$(PY) -m llamavit.cli demo
+
+test: venv fashion-mnist
+	$(PY) -m pytest -q
+
+test-slow: venv fashion-mnist
+	$(PY) -m pytest -q -m slow
+
+parity: venv
+	$(PY) ../shared/tools/parity.py illama
+
+bench: venv fashion-mnist
+	$(PY) bench/throughput.py

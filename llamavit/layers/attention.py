@@ -1,0 +1,141 @@
+"""One multi-head attention module with mask modes, always on `F.scaled_dot_product_attention`.
+
+Mask modes:
+- 'bidirectional': every token sees every token;
+- 'causal': standard renormalised causal attention (token i sees j <= i);
+- 'prefix': prefix-causal (j <= i or j < prefix_len), the AIM pre-training mask;
+- 'soft': iLLaMA's soft mask. The official code multiplies the softmax probabilities by
+  M = r * 1 + (1 - r) * tril(1) AFTER the softmax and does not renormalise, so causal rows do not sum
+  to one. Standard causal SDPA gives different numbers.
+
+The soft mask runs as ONE fused SDPA call over the keys written twice ("mirrored keys"):
+    out_i = sum_j M_ij e^{s_ij} v_j / sum_j e^{s_ij}
+          = SDPA(q, [k; k], [v; 0], bias = [log M, log(1 - M)])_i
+because the two copies of each key share e^{s_ij}, weighted M_ij and 1 - M_ij, so their weights add
+up to the full softmax denominator while only the first copy carries a value. It is exact in value
+and gradient, needs no log-sum-exp output from the kernel, and runs on every SDPA backend.
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .rope import apply_rope
+
+MASK_MODES = ("bidirectional", "causal", "prefix", "soft")
+
+
+def soft_mask_bias(num_tokens: int, rate: float, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Additive SDPA bias (N, 2N) for the mirrored-keys form of the soft mask with rate r.
+
+    First N columns: log M (0 on and below the diagonal, log r above); last N: log(1 - M)
+    (-inf on and below the diagonal, log(1 - r) above).
+    """
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"soft mask rate must be in [0, 1], got {rate}")
+    upper = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=device).triu(1)
+    log_rate = math.log(rate) if rate > 0 else float("-inf")
+    log_rest = math.log1p(-rate) if rate < 1 else float("-inf")
+    first = torch.zeros(num_tokens, num_tokens, device=device, dtype=dtype).masked_fill(upper, log_rate)
+    second = torch.full((num_tokens, num_tokens), log_rest, device=device, dtype=dtype).masked_fill(~upper, float("-inf"))
+    return torch.cat((first, second), dim=1)
+
+
+def soft_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rate: float,
+                        dropout_p: float = 0.0, enable_gqa: bool = False) -> torch.Tensor:
+    """iLLaMA soft-mask attention, fused. q: (B, H, N, d); k, v: (B, Hkv, N, d) -> (B, H, N, d)."""
+    if rate >= 1.0:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=enable_gqa)
+    n = q.shape[-2]
+    bias = soft_mask_bias(n, rate, device=q.device, dtype=q.dtype)
+    k2 = torch.cat((k, k), dim=-2)
+    v2 = torch.cat((v, torch.zeros_like(v)), dim=-2)
+    return F.scaled_dot_product_attention(q, k2, v2, attn_mask=bias, dropout_p=dropout_p, enable_gqa=enable_gqa)
+
+
+def naive_soft_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rate: float) -> torch.Tensor:
+    """The official iLLaMA computation, unfused: softmax(q k^T / sqrt(d)) * M, then @ v.
+
+    Reference for tests and benchmarks. Shapes as `soft_mask_attention` with equal head counts.
+    """
+    n = q.shape[-2]
+    probs = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
+    causal = torch.ones(n, n, device=q.device, dtype=q.dtype).tril()
+    mask = rate * torch.ones_like(causal) + (1 - rate) * causal
+    return (probs * mask) @ v
+
+
+def prefix_causal_mask(num_tokens: int, prefix_len, device=None) -> torch.Tensor:
+    """Boolean SDPA mask, True = may attend: j <= i or j < prefix_len.
+
+    prefix_len: an int -> (N, N); a (B,) tensor of per-sample lengths -> (B, 1, N, N).
+    """
+    idx = torch.arange(num_tokens, device=device)
+    causal = idx[None, :] <= idx[:, None]
+    if isinstance(prefix_len, torch.Tensor) and prefix_len.ndim == 1:
+        prefix = idx[None, None, :] < prefix_len.to(device)[:, None, None]
+        return (causal[None] | prefix)[:, None]
+    return causal | (idx[None, :] < int(prefix_len))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with grouped-query heads, optional RoPE and a mask mode.
+
+    x: (B, N, dim) -> (B, N, dim). `qkv` is one Linear producing num_heads query heads and
+    num_kv_heads key/value heads (num_kv_heads < num_heads = grouped-query attention).
+    An explicit `attn_mask` given to forward (boolean, True = may attend; (N, N) or (B, 1, N, N))
+    overrides the mask mode.
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: Optional[int] = None, qkv_bias: bool = True,
+                 proj_bias: bool = True, mask_mode: str = "bidirectional", head_dim: Optional[int] = None,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, rope_layout: str = "interleaved"):
+        super().__init__()
+        if mask_mode not in MASK_MODES:
+            raise ValueError(f"unknown mask mode {mask_mode!r}; expected one of {MASK_MODES}")
+        num_kv_heads = num_kv_heads or num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if head_dim is None:
+            if dim % num_heads:
+                raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+            head_dim = dim // num_heads
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.mask_mode = mask_mode
+        self.soft_mask_rate = 0.0
+        self.prefix_len = 1
+        self.rope_layout = rope_layout
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, (num_heads + 2 * num_kv_heads) * head_dim, bias=qkv_bias)
+        self.proj = nn.Linear(num_heads * head_dim, dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, -1, self.head_dim).transpose(1, 2).split(
+            [self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
+        if rope is not None:
+            q = apply_rope(q, *rope, layout=self.rope_layout)
+            k = apply_rope(k, *rope, layout=self.rope_layout)
+        dropout_p = self.attn_drop if self.training else 0.0
+        gqa = self.num_kv_heads != self.num_heads
+        if attn_mask is not None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, enable_gqa=gqa)
+        elif self.mask_mode == "soft":
+            out = soft_mask_attention(q, k, v, self.soft_mask_rate, dropout_p=dropout_p, enable_gqa=gqa)
+        elif self.mask_mode == "prefix":
+            mask = prefix_causal_mask(n, self.prefix_len, device=x.device)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.mask_mode == "causal",
+                                                 dropout_p=dropout_p, enable_gqa=gqa)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, -1)))
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"mask_mode={self.mask_mode}")

@@ -1,0 +1,24 @@
+"""Normalisation layers."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale, computed in float32 (as LLaMA and iLLaMA do).
+
+    x: (..., dim) -> (..., dim), same dtype as x. The statistics are taken in float32 so that bf16
+    activations do not lose precision in the mean of squares; the weight is applied after casting back.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
+        return normed * self.weight
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"

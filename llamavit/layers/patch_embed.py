@@ -1,0 +1,45 @@
+"""Image to patch-token embedding."""
+from typing import Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import to_2tuple
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches through one strided Conv2d, tokens in raster order.
+
+    (B, C, H, W) -> (B, H/p * W/p, D). Any H, W that are multiples of the patch size are accepted;
+    anything else raises a ValueError that says what was given and what is expected.
+    """
+
+    def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: Union[int, Tuple[int, int]] = 16,
+                 in_chans: int = 3, embed_dim: int = 768, bias: bool = True):
+        super().__init__()
+        self.img_size = to_2tuple(img_size)
+        self.patch_size = to_2tuple(patch_size)
+        self.in_chans = in_chans
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
+
+    @property
+    def grid_size(self) -> Tuple[int, int]:
+        return self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1]
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4:
+            raise ValueError(f"expected images of shape (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
+        _, c, h, w = x.shape
+        if c != self.in_chans:
+            raise ValueError(f"expected {self.in_chans} input channel(s), got {c} (input shape {tuple(x.shape)})")
+        ph, pw = self.patch_size
+        if h % ph or w % pw or h == 0 or w == 0:
+            raise ValueError(f"input size {h}x{w} is not a positive multiple of the patch size {ph}x{pw} "
+                             f"(the model was built for {self.img_size[0]}x{self.img_size[1]})")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return self.proj(x).flatten(2).transpose(1, 2)

@@ -1,0 +1,7 @@
+"""Model families and the name registry."""
+from .convert import CheckpointError, load_checkpoint, read_state_dict
+from .illama import ILLaMA, ILLaMAConfig
+from .registry import create_model, list_models, model_family
+
+__all__ = ["CheckpointError", "load_checkpoint", "read_state_dict", "ILLaMA", "ILLaMAConfig", "create_model",
+           "list_models", "model_family"]

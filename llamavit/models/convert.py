@@ -1,0 +1,85 @@
+"""Checkpoint loading: our safetensors files and training checkpoints, and the official release
+files of every family. The format is detected; official key names are converted by the family's
+filter; any mismatch is reported by key name. Nothing is unpickled beyond tensors and plain
+containers (`torch.load(weights_only=True)`)."""
+import argparse
+import os
+import pickle
+from typing import Dict
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+WEIGHTS_NAME = "model.safetensors"   # inside a llamavit training checkpoint directory
+_SHOW = 8
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """The raw state dict of a checkpoint file or llamavit checkpoint directory (no key conversion)."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        weights = os.path.join(path, WEIGHTS_NAME)
+        if not os.path.isfile(weights):
+            raise CheckpointError(f"{path} is a directory without {WEIGHTS_NAME}: not a llamavit checkpoint")
+        path = weights
+    if path.endswith(".safetensors"):
+        try:
+            return load_file(path)
+        except Exception as e:
+            raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
+    try:
+        # official training checkpoints carry their argparse.Namespace of arguments: allow exactly that class
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} holds Python objects other than tensors; llamavit loads checkpoints with "
+                              f"weights_only=True and will not unpickle them ({str(e).splitlines()[0]})") from e
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "model_state"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors (plain, or under 'model')")
+    return obj
+
+
+def _keys_report(names, limit: int = _SHOW) -> str:
+    names = sorted(names)
+    more = f" … (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def check_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Raise CheckpointError naming the missing, unexpected and wrongly shaped keys, if any."""
+    expected = model.state_dict()
+    missing = set(expected) - set(state_dict)
+    unexpected = set(state_dict) - set(expected)
+    wrong = [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+             for k in sorted(set(expected) & set(state_dict)) if state_dict[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_keys_report(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_keys_report(unexpected)}")
+    if wrong:
+        problems.append(f"shape mismatch: {_keys_report(wrong, 4)}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit {type(model).__name__} — " + "; ".join(problems))
+
+
+def load_checkpoint(model: nn.Module, path: str) -> nn.Module:
+    """Load weights from `path` into `model` (format detected, official keys converted), strictly."""
+    from .registry import filter_fn_for
+    state_dict = filter_fn_for(model)(read_state_dict(path), model)
+    check_state_dict(model, state_dict, source=f"checkpoint {path}")
+    model.load_state_dict(state_dict, strict=True)
+    return model

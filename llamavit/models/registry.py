@@ -1,0 +1,103 @@
+"""Model names: every llamavit model is registered with timm, so `timm.create_model(name)` works
+after `import llamavit`. `create_model` adds checkpoint loading and clear errors on top."""
+import dataclasses
+import difflib
+import fnmatch
+from typing import Callable, Dict, List, Optional
+
+import timm
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from . import illama
+
+# family -> (model class, config class, official checkpoint filter)
+FAMILIES: Dict[str, tuple] = {
+    "illama": (illama.ILLaMA, illama.ILLaMAConfig, illama.checkpoint_filter_fn),
+}
+MODEL_FAMILY: Dict[str, str] = {}
+_ARCH_DEFAULTS: Dict[str, dict] = {}
+_TIMM_BUILD_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "feature_cfg", "features_only")
+
+
+def _cfg(img_size: int, **kwargs) -> dict:
+    return {"input_size": (3, img_size, img_size), "num_classes": 1000, "crop_pct": 0.875 if img_size == 224 else 1.0,
+            "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+            "first_conv": "patch_embed.proj", "classifier": "head", **kwargs}
+
+
+def _build(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    family = MODEL_FAMILY[name]
+    model_cls, cfg_cls, filter_fn = FAMILIES[family]
+    timm_args = {k: kwargs.pop(k) for k in _TIMM_BUILD_ARGS if k in kwargs}
+    kwargs = {**_ARCH_DEFAULTS[name], **kwargs}
+    valid = {f.name for f in dataclasses.fields(cfg_cls)}
+    unknown = sorted(set(kwargs) - valid)
+    if unknown:
+        raise TypeError(f"{name}: unknown option(s) {unknown}; valid options: {sorted(valid)}")
+    return build_model_with_cfg(model_cls, name, pretrained, pretrained_filter_fn=filter_fn, **timm_args, **kwargs)
+
+
+def _register(name: str, family: str, img_size: int, doc: str, **arch) -> None:
+    MODEL_FAMILY[name] = family
+    _ARCH_DEFAULTS[name] = {"img_size": img_size, **arch}
+
+    def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
+        return _build(name, pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = doc
+    register_model(entrypoint)
+
+
+_ILLAMA_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
+default_cfgs = generate_default_cfgs({
+    f"illama_{size}_patch16_{res}": _cfg(res) for size in _ILLAMA_SIZES for res in (224, 384)})
+for _size, (_dim, _depth, _heads) in _ILLAMA_SIZES.items():
+    for _res in (224, 384):
+        _register(f"illama_{_size}_patch16_{_res}", "illama", _res,
+                  f"iLLaMA-{_size[0].upper()}, patch 16, {_res}px (D={_dim}, depth={_depth}, heads={_heads}).",
+                  patch_size=16, embed_dim=_dim, depth=_depth, num_heads=_heads)
+
+
+def list_models(pattern: str = "*") -> List[str]:
+    """llamavit model names matching a shell-style pattern, sorted."""
+    return sorted(n for n in MODEL_FAMILY if fnmatch.fnmatch(n, pattern))
+
+
+def model_family(name: str) -> str:
+    check_model_name(name)
+    return MODEL_FAMILY[name]
+
+
+def check_model_name(name: str) -> None:
+    if name not in MODEL_FAMILY:
+        close = difflib.get_close_matches(name, list(MODEL_FAMILY), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; `llamavit models` lists them"
+        raise ValueError(f"unknown model {name!r}{hint}")
+
+
+def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[str] = None, **kwargs) -> nn.Module:
+    """Build a llamavit model by name; kwargs (timm names) override the named config.
+
+    checkpoint_path: our safetensors / training checkpoint, or an official release file of the
+    family ({'model': state_dict} or plain, official key names); the format is detected.
+    """
+    check_model_name(name)
+    if pretrained and checkpoint_path is None:
+        raise ValueError(f"{name}: llamavit downloads no weights; pass checkpoint_path=<official or llamavit "
+                         f"checkpoint file> instead of pretrained=True")
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    if checkpoint_path is not None:
+        from .convert import load_checkpoint
+        load_checkpoint(model, checkpoint_path)
+    return model
+
+
+def filter_fn_for(model: nn.Module) -> Callable:
+    for model_cls, _, filter_fn in FAMILIES.values():
+        if isinstance(model, model_cls):
+            return filter_fn
+    return lambda sd, m: sd
