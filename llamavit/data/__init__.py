@@ -1,0 +1,7 @@
+"""Data: datasets and timm-built transforms."""
+from .datasets import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, DatasetError, FashionMNIST, SyntheticImages,
+                       build_dataset)
+from .transforms import TransformConfig, build_transform
+
+__all__ = ["FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "DatasetError", "FashionMNIST", "SyntheticImages",
+           "build_dataset", "TransformConfig", "build_transform"]

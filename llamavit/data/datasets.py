@@ -1,0 +1,107 @@
+"""Datasets: Fashion-MNIST from the Debian package, ImageFolder directories, and a synthetic set.
+
+`build_dataset(name, split, transform)` is the one entry point: `name` is 'fashion_mnist',
+'synthetic', or a path to an ImageFolder tree (`<path>/<split>/<class>/*.png`, or `<path>/<class>/*`
+when the split folder is absent).
+"""
+import gzip
+import os
+import shutil
+from typing import Callable, List, Optional
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import datasets as tvd
+
+FASHION_MNIST_DIR = os.environ.get("LLAMAVIT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_INSTALL = "sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist"
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "llamavit")
+
+
+class DatasetError(RuntimeError):
+    """A dataset that is missing or unreadable; the message says how to fix it."""
+
+
+class FashionMNIST(tvd.FashionMNIST):
+    """torchvision's Fashion-MNIST reading the gzip idx files of Debian's `dataset-fashion-mnist`.
+
+    The .gz files are decompressed once into ~/.cache/llamavit (torchvision's reader takes raw idx
+    files). Items are (PIL 'L' image 28x28, label).
+    """
+
+    def __init__(self, root: str = FASHION_MNIST_DIR, train: bool = True, transform: Optional[Callable] = None):
+        self.source_dir = root
+        missing = [f for f, _ in self.resources if not os.path.isfile(os.path.join(root, f))]
+        if missing:
+            raise DatasetError(f"Fashion-MNIST not found in {root} (missing {', '.join(missing)}); "
+                               f"install it with: {FASHION_MNIST_INSTALL}  (or set LLAMAVIT_FASHION_MNIST)")
+        self._extract()
+        super().__init__(CACHE_DIR, train=train, transform=transform, download=False)
+
+    @property
+    def raw_folder(self) -> str:
+        return os.path.join(CACHE_DIR, "FashionMNIST", "raw")
+
+    def _extract(self) -> None:
+        os.makedirs(self.raw_folder, exist_ok=True)
+        for gz_name, _ in self.resources:
+            target = os.path.join(self.raw_folder, gz_name[:-3])
+            if os.path.isfile(target):
+                continue
+            tmp = f"{target}.tmp{os.getpid()}"
+            with gzip.open(os.path.join(self.source_dir, gz_name), "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(tmp, target)
+
+
+class SyntheticImages(Dataset):
+    """A small learnable image set for tests: class c is a bright square at a class-specific place
+    on seeded noise. Items are (PIL image, label); deterministic for a given seed."""
+
+    def __init__(self, num_samples: int = 64, num_classes: int = 4, img_size: int = 32, in_chans: int = 3,
+                 seed: int = 0, transform: Optional[Callable] = None):
+        g = torch.Generator().manual_seed(seed)
+        self.labels = torch.arange(num_samples) % num_classes
+        images = torch.rand(num_samples, in_chans, img_size, img_size, generator=g) * 0.3
+        side = max(img_size // 4, 1)
+        for i, c in enumerate(self.labels.tolist()):
+            y = (c * side) % (img_size - side + 1)
+            x = ((c * 2 + 1) * side) % (img_size - side + 1)
+            images[i, :, y:y + side, x:x + side] = 1.0
+        self.images = (images * 255).to(torch.uint8)
+        self.classes: List[str] = [f"class_{c}" for c in range(num_classes)]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        arr = self.images[index].permute(1, 2, 0).numpy()
+        img = Image.fromarray(arr[..., 0], mode="L") if arr.shape[-1] == 1 else Image.fromarray(arr, mode="RGB")
+        img = self.transform(img) if self.transform is not None else img
+        return img, int(self.labels[index])
+
+
+def build_dataset(name: str, split: str = "train", transform: Optional[Callable] = None, **kwargs) -> Dataset:
+    """Dataset by name or ImageFolder path; split 'train' or 'val' (Fashion-MNIST 'val' is its test set).
+
+    Every returned dataset has a `classes` list of names.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if name == "fashion_mnist":
+        return FashionMNIST(train=split == "train", transform=transform)
+    if name == "synthetic":
+        seed = kwargs.get("seed", 0) + (0 if split == "train" else 1)
+        return SyntheticImages(num_samples=kwargs.get("num_samples", 64), num_classes=kwargs.get("num_classes", 4),
+                               img_size=kwargs.get("img_size", 32), in_chans=kwargs.get("in_chans", 3), seed=seed,
+                               transform=transform)
+    if not os.path.isdir(name):
+        raise DatasetError(f"dataset {name!r} is neither 'fashion_mnist', 'synthetic' nor an existing directory")
+    root = os.path.join(name, split) if os.path.isdir(os.path.join(name, split)) else name
+    try:
+        return tvd.ImageFolder(root, transform=transform)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DatasetError(f"cannot read image folder {root}: {e}") from e

@@ -1,0 +1,65 @@
+"""Image transforms, built with timm.data, plus the grayscale/RGB mapping to the model's channels."""
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from torchvision import transforms as T
+
+
+@dataclass
+class TransformConfig:
+    img_size: int = 224
+    in_chans: int = 3
+    mean: Optional[Sequence[float]] = None      # None: ImageNet's (or its first channel for 1 channel)
+    std: Optional[Sequence[float]] = None
+    scale: Tuple[float, float] = (0.08, 1.0)    # RandomResizedCrop area range
+    hflip: float = 0.5
+    auto_augment: Optional[str] = None          # e.g. 'rand-m9-mstd0.5-inc1'
+    re_prob: float = 0.0                        # random erasing
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+
+
+def _channels(values: Optional[Sequence[float]], default: Sequence[float], in_chans: int) -> Tuple[float, ...]:
+    values = tuple(values if values is not None else default)
+    if len(values) == in_chans:
+        return values
+    if len(values) == 1:
+        return values * in_chans
+    if in_chans == 1:
+        return (sum(values) / len(values),)
+    raise ValueError(f"normalisation has {len(values)} channel values but the model takes {in_chans} channels")
+
+
+def build_transform(cfg: TransformConfig, is_training: bool) -> Callable:
+    """PIL image -> normalised (in_chans, img_size, img_size) float tensor.
+
+    Every image goes through timm's pipeline as RGB (so grayscale data feeds an RGB model, and
+    RandAugment's colour fills work); a 1-channel model then keeps the first channel, which for a
+    grayscale picture equals the others.
+    """
+    if cfg.in_chans not in (1, 3):
+        raise ValueError(f"image transforms support 1 or 3 channels, got in_chans={cfg.in_chans}")
+    mean = _channels(_channels(cfg.mean, IMAGENET_DEFAULT_MEAN, cfg.in_chans), (), 3)
+    std = _channels(_channels(cfg.std, IMAGENET_DEFAULT_STD, cfg.in_chans), (), 3)
+    tf = create_transform(
+        input_size=(3, cfg.img_size, cfg.img_size), is_training=is_training, scale=cfg.scale,
+        hflip=cfg.hflip, vflip=0.0, color_jitter=None, auto_augment=cfg.auto_augment if is_training else None,
+        re_prob=cfg.re_prob if is_training else 0.0, interpolation=cfg.interpolation, mean=mean, std=std,
+        crop_pct=cfg.crop_pct)
+    steps = [ToRGB(), tf] + ([FirstChannel()] if cfg.in_chans == 1 else [])
+    return T.Compose(steps)
+
+
+class ToRGB:
+    """PIL image in any mode -> RGB PIL image."""
+
+    def __call__(self, img):
+        return img if img.mode == "RGB" else img.convert("RGB")
+
+
+class FirstChannel:
+    """(C, H, W) tensor -> (1, H, W)."""
+
+    def __call__(self, x):
+        return x[:1]

@@ -1,0 +1,4 @@
+"""Evaluation: metrics (and, later, the papers' analyses)."""
+from .metrics import evaluate
+
+__all__ = ["evaluate"]

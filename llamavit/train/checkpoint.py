@@ -1,0 +1,120 @@
+"""Checkpoints of a training run, written atomically, read with weights_only=True.
+
+Layout of a run directory:
+    <run>/checkpoints/step-00001234/model.safetensors   weights + metadata (model name, kwargs, classes, eval transform)
+    <run>/checkpoints/step-00001234/ema.safetensors     EMA weights, when EMA is on
+    <run>/checkpoints/step-00001234/state.pt            optimiser state, step, config (tensors and plain types only)
+    <run>/checkpoints/latest                            name of the newest complete checkpoint
+A checkpoint directory is written under a temporary name and renamed when complete, and `latest`
+is replaced atomically, so a run killed at any moment leaves the previous checkpoint intact.
+"""
+import json
+import os
+import shutil
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..models import create_model
+from ..models.convert import WEIGHTS_NAME, CheckpointError, load_checkpoint
+
+STATE_NAME = "state.pt"
+EMA_NAME = "ema.safetensors"
+LATEST = "latest"
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _tensors(module: nn.Module) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(run_dir: str, step: int, model: nn.Module, meta: Dict[str, Any], state: Dict[str, Any],
+                    ema: Optional[nn.Module] = None, keep: int = 2) -> str:
+    """Write checkpoint `step-<step>` under run_dir/checkpoints and point `latest` at it.
+
+    meta: JSON-able facts needed to rebuild the model (model, model_kwargs, classes, transform).
+    state: training state (optimizer state_dict, step, config...) — tensors and plain types only.
+    """
+    root = os.path.join(run_dir, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    name = f"step-{step:08d}"
+    final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    metadata = {"format": "llamavit", **{k: json.dumps(v) for k, v in meta.items()}}
+    save_file(_tensors(model), os.path.join(tmp, WEIGHTS_NAME), metadata=metadata)
+    if ema is not None:
+        save_file(_tensors(ema), os.path.join(tmp, EMA_NAME), metadata=metadata)
+    torch.save(state, os.path.join(tmp, STATE_NAME))
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    atomic_write_text(os.path.join(root, LATEST), name)
+    _prune(root, keep)
+    return final
+
+
+def _prune(root: str, keep: int) -> None:
+    steps = sorted(d for d in os.listdir(root) if d.startswith("step-"))
+    for old in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A run directory, a checkpoint directory or a weights file -> the checkpoint path to read."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    latest = os.path.join(path, "checkpoints", LATEST)
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            return os.path.join(path, "checkpoints", f.read().strip())
+    return path
+
+
+def latest_checkpoint(run_dir: str) -> Optional[str]:
+    latest = os.path.join(run_dir, "checkpoints", LATEST)
+    if not os.path.isfile(latest):
+        return None
+    return resolve_checkpoint(run_dir)
+
+
+def read_meta(path: str) -> Dict[str, Any]:
+    """Metadata of a llamavit checkpoint (directory or model.safetensors); {} for other files."""
+    path = resolve_checkpoint(path)
+    weights = os.path.join(path, WEIGHTS_NAME) if os.path.isdir(path) else path
+    if not weights.endswith(".safetensors") or not os.path.isfile(weights):
+        return {}
+    with safe_open(weights, framework="pt") as f:
+        raw = f.metadata() or {}
+    return {k: json.loads(v) for k, v in raw.items() if k != "format"}
+
+
+def load_training_state(ckpt_dir: str) -> Dict[str, Any]:
+    path = os.path.join(ckpt_dir, STATE_NAME)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{ckpt_dir} has no {STATE_NAME}: it is not a resumable training checkpoint")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def model_from_checkpoint(path: str, use_ema: bool = False, **overrides) -> nn.Module:
+    """Rebuild a model from a llamavit checkpoint (run dir, checkpoint dir or model.safetensors)."""
+    ckpt = resolve_checkpoint(path)
+    meta = read_meta(ckpt)
+    if "model" not in meta:
+        raise CheckpointError(f"{path} is not a llamavit checkpoint (no model metadata); use create_model(name, "
+                              f"checkpoint_path=...) for official or plain weight files")
+    model = create_model(meta["model"], **{**meta.get("model_kwargs", {}), **overrides})
+    weights = ckpt
+    if use_ema and os.path.isdir(ckpt) and os.path.isfile(os.path.join(ckpt, EMA_NAME)):
+        weights = os.path.join(ckpt, EMA_NAME)
+    return load_checkpoint(model, weights)

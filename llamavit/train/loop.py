@@ -1,0 +1,278 @@
+"""The supervised training loop.
+
+Exact resume: the data order of epoch e is a permutation seeded by (seed, e); the augmentation of
+sample i in epoch e is seeded by (seed, e, i); dropout/drop-path/mixup at step s are seeded by
+(seed, s). A resumed run therefore sees the same batches, the same augmentations and the same
+random masks as an uninterrupted one, and logs the same losses.
+"""
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict
+from typing import Any, Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from tqdm import tqdm
+
+from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, TransformConfig, build_dataset, build_transform
+from ..eval.metrics import evaluate
+from ..models import create_model, load_checkpoint
+from .checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from .config import TrainConfig
+from .plots import plot_curves
+from .schedules import soft_mask_rate
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stopped without writing a checkpoint."""
+
+
+def _mix_seed(*parts: int) -> int:
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
+    return h % (2 ** 31 - 1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+class SeededAugmentation(Dataset):
+    """Wraps a dataset so that sample i of epoch e is always augmented with the same random draws."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        seed_everything(_mix_seed(self.seed, self.epoch, index))
+        return self.dataset[index]
+
+
+class EpochBatchSampler(Sampler):
+    """Batches of a (seed, epoch)-seeded permutation, full batches only, starting at `start_batch`."""
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int):
+        if num_samples < batch_size:
+            raise ValueError(f"the training set has {num_samples} images, fewer than one batch of {batch_size}")
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.epoch, self.start_batch = 0, 0
+
+    def __len__(self) -> int:
+        return self.num_samples // self.batch_size - self.start_batch
+
+    def __iter__(self) -> Iterator[List[int]]:
+        g = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, 7919))
+        order = torch.randperm(self.num_samples, generator=g).tolist()
+        for b in range(self.start_batch, self.num_samples // self.batch_size):
+            yield order[b * self.batch_size:(b + 1) * self.batch_size]
+
+
+def transform_config(cfg: TrainConfig) -> TransformConfig:
+    mean, std = cfg.mean, cfg.std
+    if cfg.data == "fashion_mnist" and mean is None:
+        mean, std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    return TransformConfig(img_size=cfg.img_size, in_chans=cfg.in_chans, mean=mean, std=std, scale=cfg.scale,
+                           hflip=cfg.hflip, auto_augment=cfg.auto_augment, re_prob=cfg.re_prob,
+                           crop_pct=cfg.crop_pct)
+
+
+def build_datasets(cfg: TrainConfig):
+    """(train, val) datasets with timm transforms; val is None when the data has no held-out split."""
+    tcfg = transform_config(cfg)
+    extra = {"img_size": cfg.img_size, "in_chans": cfg.in_chans, "seed": cfg.seed}
+    train = build_dataset(cfg.data, "train", build_transform(tcfg, True), **extra)
+    val = build_dataset(cfg.data, "val", build_transform(tcfg, False), **extra)
+    classes = list(train.classes)
+    if cfg.train_subset:
+        train = Subset(train, range(min(cfg.train_subset, len(train))))
+    if cfg.val_subset:
+        val = Subset(val, range(min(cfg.val_subset, len(val))))
+    return train, val, classes
+
+
+class Trainer:
+    """Supervised training of one llamavit model according to a TrainConfig."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        seed_everything(cfg.seed)
+        train_set, self.val_set, self.classes = build_datasets(cfg)
+        self.train_set = SeededAugmentation(train_set, cfg.seed)
+        self.sampler = EpochBatchSampler(len(train_set), cfg.batch_size, cfg.seed)
+        self.steps_per_epoch = len(train_set) // cfg.batch_size
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+
+        self.model_kwargs = {"num_classes": len(self.classes), "img_size": cfg.img_size, "in_chans": cfg.in_chans,
+                             **cfg.model_kwargs}
+        if cfg.drop_path:
+            self.model_kwargs["drop_path_rate"] = cfg.drop_path
+        self.model = create_model(cfg.model, **self.model_kwargs)
+        if cfg.checkpoint_path:
+            load_checkpoint(self.model, cfg.checkpoint_path)
+        self.optimizer = create_optimizer_v2(self.model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                             betas=tuple(cfg.betas))
+        self.scheduler = CosineLRScheduler(
+            self.optimizer, t_initial=self.total_steps, lr_min=cfg.min_lr, warmup_t=int(cfg.warmup_epochs *
+            self.steps_per_epoch), warmup_lr_init=cfg.warmup_lr, t_in_epochs=False)
+        self.mixup = None
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                               num_classes=len(self.classes))
+            self.criterion = SoftTargetCrossEntropy()
+        elif cfg.label_smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(cfg.label_smoothing)
+        else:
+            self.criterion = nn.CrossEntropyLoss()
+        self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.step = 0
+        self.history: List[Dict[str, Any]] = []
+        self.log_path = os.path.join(cfg.output, "log.jsonl")
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def meta(self) -> Dict[str, Any]:
+        return {"model": self.cfg.model, "model_kwargs": self.model_kwargs, "classes": self.classes,
+                "transform": asdict(transform_config(self.cfg))}
+
+    def save(self) -> str:
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "config": self.cfg.to_dict()}
+        ema = self.ema.module if self.ema is not None else None
+        return save_checkpoint(self.cfg.output, self.step, self.model, self.meta(), state, ema=ema,
+                               keep=self.cfg.keep_checkpoints)
+
+    def try_resume(self) -> bool:
+        ckpt = latest_checkpoint(self.cfg.output)
+        if ckpt is None:
+            return False
+        state = load_training_state(ckpt)
+        load_checkpoint(self.model, ckpt)
+        if self.ema is not None:
+            ema_path = os.path.join(ckpt, "ema.safetensors")
+            load_checkpoint(self.ema.module, ema_path if os.path.isfile(ema_path) else ckpt)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        # keep only the log lines up to the checkpoint, so the resumed log continues without duplicates
+        if os.path.isfile(self.log_path):
+            with open(self.log_path) as f:
+                kept = [json.loads(line) for line in f if line.strip()]
+            self.history = [r for r in kept if r.get("step", 0) <= self.step]
+            with open(self.log_path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.history)
+        return True
+
+    # --- one step ------------------------------------------------------------------------------
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> float:
+        cfg = self.cfg
+        if cfg.soft_mask != "none" and hasattr(self.model, "set_soft_mask_rate"):
+            self.model.set_soft_mask_rate(soft_mask_rate(self.step, self.steps_per_epoch, cfg.soft_mask,
+                                                         cfg.soft_mask_epochs))
+        self.scheduler.step_update(self.step)
+        seed_everything(_mix_seed(cfg.seed, self.step, 104729))
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)
+        with torch.autocast("cpu" if images.device.type == "cpu" else images.device.type, dtype=torch.bfloat16,
+                            enabled=cfg.amp):
+            loss = self.criterion(self.model(images), targets)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"loss is {value} at step {self.step}; training stopped, nothing was saved "
+                                     f"after the last good checkpoint in {os.path.join(cfg.output, 'checkpoints')}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)
+        self.step += 1
+        return value
+
+    def log(self, record: Dict[str, Any]) -> None:
+        self.history.append(record)
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def evaluate(self) -> Dict[str, float]:
+        loader = DataLoader(self.val_set, batch_size=max(self.cfg.batch_size, 256), num_workers=self.cfg.num_workers)
+        result = {f"val_{k}": v for k, v in evaluate(self.model, loader).items()}
+        if self.ema is not None:
+            result.update({f"val_ema_{k}": v for k, v in evaluate(self.ema.module, loader).items()})
+        return result
+
+    # --- the loop ------------------------------------------------------------------------------
+    def fit(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        os.makedirs(cfg.output, exist_ok=True)
+        resumed = cfg.resume and self.try_resume()
+        if not resumed and os.path.isfile(self.log_path):
+            os.remove(self.log_path)
+        with open(os.path.join(cfg.output, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+        stop_at = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
+        bar = tqdm(total=stop_at, initial=self.step, disable=not cfg.progress, desc="train", unit="step",
+                   dynamic_ncols=True)
+        last_eval: Dict[str, float] = {}
+        window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
+        self.model.train()
+        while self.step < stop_at:
+            epoch = self.step // self.steps_per_epoch
+            self.train_set.epoch = self.sampler.epoch = epoch
+            self.sampler.start_batch = self.step % self.steps_per_epoch
+            loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=cfg.num_workers,
+                                persistent_workers=False)
+            for images, targets in loader:
+                loss = self.train_step(images, targets)
+                window_loss, window_n = window_loss + loss, window_n + 1
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == stop_at:
+                    elapsed = time.perf_counter() - window_t
+                    record = {"step": self.step, "epoch": self.step / self.steps_per_epoch,
+                              "loss": window_loss / window_n, "lr": self.optimizer.param_groups[0]["lr"],
+                              "soft_mask_rate": getattr(self.model, "soft_mask_rate", None),
+                              "img_per_s": window_n * cfg.batch_size / max(elapsed, 1e-9)}
+                    self.log(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                    img_s=f"{record['img_per_s']:.0f}")
+                    window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
+                epoch_end = self.step % self.steps_per_epoch == 0
+                if epoch_end and ((self.step // self.steps_per_epoch) % cfg.eval_every == 0 or
+                                  self.step == self.total_steps):
+                    last_eval = self.evaluate()
+                    self.log({"step": self.step, "epoch": self.step / self.steps_per_epoch, **last_eval})
+                    bar.write(f"epoch {self.step // self.steps_per_epoch}: " +
+                              ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+                    self.model.train()
+                if epoch_end or (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == stop_at:
+                    self.save()
+                if self.step >= stop_at:
+                    break
+        bar.close()
+        if self.step == self.total_steps and not last_eval:
+            last_eval = self.evaluate()
+        plot_curves(self.history, os.path.join(cfg.output, "curves.png"))
+        summary = {"steps": self.step, "epochs": self.step / self.steps_per_epoch, "resumed": resumed,
+                   "final_train_loss": next((r["loss"] for r in reversed(self.history) if "loss" in r), None),
+                   **last_eval}
+        with open(os.path.join(cfg.output, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        return summary
+
+
+def train(cfg: TrainConfig) -> Dict[str, Any]:
+    """Train according to cfg and return the summary (final loss, validation metrics)."""
+    return Trainer(cfg).fit()
