@@ -79,7 +79,7 @@ class SyntheticImages(Dataset):
 
     def __getitem__(self, index: int):
         arr = self.images[index].permute(1, 2, 0).numpy()
-        img = Image.fromarray(arr[..., 0], mode="L") if arr.shape[-1] == 1 else Image.fromarray(arr, mode="RGB")
+        img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
         img = self.transform(img) if self.transform is not None else img
         return img, int(self.labels[index])
 

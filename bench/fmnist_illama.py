@@ -1,0 +1,103 @@
+"""Fashion-MNIST from scratch with an iLLaMA sized for 28x28, on 2 CPU threads, in a wall-clock budget.
+
+The run is sized to the budget: a short calibration measures the seconds per training step on this
+machine, then the number of epochs (and so the cosine schedule) is chosen so that training plus the
+final test evaluation fit in the budget. Writes bench/results/fmnist_illama.json and the curve PNG.
+
+    python bench/fmnist_illama.py                 # the 30-minute run
+    python bench/fmnist_illama.py --budget-min 3  # a quick look
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import time
+
+import torch
+
+from llamavit.train import TrainConfig, Trainer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+def seconds_per_step(cfg: TrainConfig, steps: int = 12) -> float:
+    """Median seconds of a full training step (data, forward, backward, AdamW) on this machine."""
+    probe = Trainer(TrainConfig.from_dict({**cfg.to_dict(), "output": cfg.output + "-calibration",
+                                           "progress": False, "train_subset": cfg.batch_size * steps}))
+    times = []
+    loader = torch.utils.data.DataLoader(probe.train_set, batch_sampler=probe.sampler)
+    start = time.perf_counter()
+    for images, targets in loader:
+        probe.train_step(images, targets)
+        now = time.perf_counter()
+        times.append(now - start)
+        start = now
+    shutil.rmtree(cfg.output + "-calibration", ignore_errors=True)
+    times = sorted(times[2:])
+    return times[len(times) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=os.path.join(HERE, "..", "configs", "fmnist_illama.yaml"))
+    ap.add_argument("--budget-min", type=float, default=30.0, help="wall-clock budget in minutes (all included)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--output", default="runs/fmnist_illama")
+    ap.add_argument("--results", default=os.path.join(HERE, "results"))
+    ap.add_argument("--tag", default="fmnist_illama")
+    args = ap.parse_args()
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    cfg = TrainConfig.from_yaml(args.config, output=args.output, progress=True)
+    step_s = seconds_per_step(cfg)
+    steps_per_epoch = 60000 // cfg.batch_size
+    # per epoch: training steps, plus a test pass (10k images, forward only: ~1/3 the cost per image)
+    epoch_s = step_s * steps_per_epoch * (1 + 10000 / 60000 / 3 * 1.2)
+    remaining = args.budget_min * 60 - (time.perf_counter() - t0) - 30  # 30 s margin for start-up and saving
+    epochs = max(1, int(remaining // epoch_s))
+    cfg = TrainConfig.from_dict({**cfg.to_dict(), "epochs": epochs})
+    print(f"calibration: {step_s * 1000:.0f} ms/step, {epoch_s:.0f} s/epoch -> {epochs} epochs in "
+          f"{args.budget_min:.0f} min")
+    if os.path.isdir(cfg.output):
+        shutil.rmtree(cfg.output)
+    summary = Trainer(cfg).fit()
+    wall = time.perf_counter() - t0
+
+    os.makedirs(args.results, exist_ok=True)
+    history = [json.loads(line) for line in open(os.path.join(cfg.output, "log.jsonl"))]
+    result = {
+        "benchmark": args.tag,
+        "machine": {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__},
+        "config": cfg.to_dict(),
+        "calibrated_ms_per_step": step_s * 1000,
+        "epochs": epochs,
+        "wall_clock_s": wall,
+        "budget_s": args.budget_min * 60,
+        "test_top1": summary.get("val_top1"),
+        "test_top5": summary.get("val_top5"),
+        "final_train_loss": summary.get("final_train_loss"),
+        "per_epoch_test_top1": [r["val_top1"] for r in history if "val_top1" in r],
+        "target_top1": 93.0,
+    }
+    from llamavit.info import model_info
+    result["params"] = model_info(cfg.model, img_size=cfg.img_size, in_chans=cfg.in_chans, num_classes=10,
+                                  **cfg.model_kwargs)["params"]
+    with open(os.path.join(args.results, f"{args.tag}.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    shutil.copy(os.path.join(cfg.output, "curves.png"), os.path.join(args.results, f"{args.tag}_curves.png"))
+    print(f"test top-1 {result['test_top1']:.2f}% after {epochs} epochs in {wall / 60:.1f} min "
+          f"(target 93.0%); wrote {os.path.join(args.results, args.tag + '.json')}")
+
+
+if __name__ == "__main__":
+    main()

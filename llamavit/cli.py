@@ -1,0 +1,244 @@
+"""The `llamavit` command: parses arguments and calls the library.
+
+    llamavit models [PATTERN]            list model names
+    llamavit info MODEL                  parameters, GFLOPs and config of a model
+    llamavit train [--config F] [...]    supervised training (flags override the YAML config)
+    llamavit eval --checkpoint RUN       top-1/top-5 of a checkpoint on a dataset
+    llamavit predict IMG... --checkpoint RUN   top-5 classes of image files
+    llamavit demo                        a short Fashion-MNIST run, evaluation and predictions
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+from typing import List, Optional
+
+import yaml
+
+DESCRIPTION = "llamavit: build, train, evaluate and run LLaMA-style vision transformers."
+
+TRAIN_HELP = {
+    "model": "model name (see `llamavit models`)",
+    "model_kwargs": "extra model options as KEY=VALUE (e.g. patch_size=4 embed_dim=192)",
+    "checkpoint_path": "initial weights: an official release file or a llamavit checkpoint",
+    "img_size": "training image size (pixels)",
+    "in_chans": "image channels the model takes (grayscale data is mapped to it)",
+    "drop_path": "stochastic depth rate",
+    "data": "'fashion_mnist', 'synthetic', or an ImageFolder directory (with train/ and val/ inside)",
+    "train_subset": "use only the first N training images (0 = all)",
+    "val_subset": "use only the first N validation images (0 = all)",
+    "num_workers": "DataLoader worker processes",
+    "mean": "normalisation mean per channel", "std": "normalisation std per channel",
+    "scale": "RandomResizedCrop area range (two numbers)",
+    "hflip": "horizontal flip probability",
+    "auto_augment": "timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1",
+    "re_prob": "random erasing probability",
+    "crop_pct": "evaluation centre-crop fraction",
+    "epochs": "training epochs (the cosine schedule spans them)",
+    "batch_size": "images per optimiser step",
+    "lr": "peak learning rate (AdamW)", "min_lr": "final learning rate of the cosine schedule",
+    "warmup_epochs": "linear warm-up length in epochs (fractions allowed)",
+    "warmup_lr": "learning rate at the start of warm-up",
+    "weight_decay": "AdamW weight decay (not applied to 1-D params, pos_embed, cls_token)",
+    "betas": "AdamW betas (two numbers)",
+    "clip_grad": "clip the gradient norm to this value",
+    "label_smoothing": "label smoothing", "mixup": "mixup alpha (0 = off)", "cutmix": "cutmix alpha (0 = off)",
+    "ema_decay": "EMA decay of the weights (0 = no EMA)",
+    "amp": "bf16 autocast",
+    "soft_mask": "iLLaMA soft-mask schedule: none | constant | linear",
+    "soft_mask_epochs": "soft-mask cut-off in epochs (r=1 before, 0 after; linear decays over it)",
+    "output": "run directory (checkpoints, log.jsonl, curves.png, summary.json)",
+    "seed": "random seed (data order, augmentation, dropout)",
+    "resume": "continue from the run directory's latest checkpoint, exactly",
+    "max_steps": "stop after N steps (the schedule still spans --epochs; resume continues it)",
+    "log_every": "log every N steps", "ckpt_every": "also checkpoint every N steps",
+    "eval_every": "evaluate every N epochs", "keep_checkpoints": "how many checkpoints to keep",
+    "progress": "show a progress bar",
+}
+
+
+def _parse_kv(items: List[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"model option {item!r} must look like KEY=VALUE")
+        key, value = item.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    from .train import TrainConfig
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        hint, help_text = hints[f.name], TRAIN_HELP.get(f.name, "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text += f" (default: {default})" if default is not None else ""
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        if hint is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif f.name == "model_kwargs":
+            p.add_argument(flag, nargs="+", metavar="KEY=VALUE", **kw)
+        elif "Tuple" in str(hint):
+            p.add_argument(flag, nargs="+", type=float, **kw)
+        elif hint in (int, float):
+            p.add_argument(flag, type=hint, **kw)
+        elif "float" in str(hint):
+            p.add_argument(flag, type=float, **kw)
+        else:
+            p.add_argument(flag, type=str, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llamavit", description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list model names", description="List llamavit model names.")
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'illama*'")
+
+    p = sub.add_parser("info", help="parameters, GFLOPs and config of a model",
+                       description="Parameters, forward GFLOPs per image and the resolved config of a model.")
+    p.add_argument("model", help="model name")
+    p.add_argument("--img-size", type=int, help="input size (default: the model's)")
+    p.add_argument("--num-classes", type=int, help="classifier classes (default: the model's)")
+    p.add_argument("--in-chans", type=int, help="input channels (default: the model's)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("train", help="train a model", description=(
+        "Supervised training. Options come from --config (YAML mapping of the option names below, with "
+        "underscores) and are overridden by flags."))
+    p.add_argument("--config", help="YAML file of training options")
+    _add_train_flags(p)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint", description="Top-1/top-5 accuracy of a checkpoint.")
+    p.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or weights file")
+    p.add_argument("--data", help="dataset (default: the one the checkpoint was trained on)")
+    p.add_argument("--subset", type=int, default=0, help="evaluate on the first N images only")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--ema", action="store_true", help="use the EMA weights if the checkpoint has them")
+
+    p = sub.add_parser("predict", help="classify image files", description="Top-k classes of image files.")
+    p.add_argument("images", nargs="+", help="image files (any size; converted to the model's input)")
+    p.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or weights file")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--ema", action="store_true", help="use the EMA weights if the checkpoint has them")
+
+    p = sub.add_parser("demo", help="short Fashion-MNIST run: train, evaluate, predict",
+                       description="Train the demo iLLaMA briefly on Fashion-MNIST, evaluate it and classify "
+                                   "a few test images.")
+    p.add_argument("--output", default="runs/demo", help="run directory (default: runs/demo)")
+    p.add_argument("--epochs", type=int, default=1, help="training epochs (default: 1)")
+    p.add_argument("--train-subset", type=int, default=20000, help="training images (default: 20000)")
+    return parser
+
+
+def cmd_models(args) -> None:
+    from .models import list_models
+    names = list_models(args.pattern)
+    if not names:
+        raise ValueError(f"no model matches {args.pattern!r}")
+    print("\n".join(names))
+
+
+def cmd_info(args) -> None:
+    from .info import model_info
+    kwargs = {k: v for k, v in (("img_size", args.img_size), ("num_classes", args.num_classes),
+                                ("in_chans", args.in_chans)) if v is not None}
+    info = model_info(args.model, **kwargs)
+    if args.json:
+        print(json.dumps(info, indent=2, default=list))
+        return
+    print(f"{info['model']}: {info['params']:,} parameters ({info['trainable_params']:,} trainable), "
+          f"{info['gflops']:.2f} GFLOPs per {info['input_size'][1]}x{info['input_size'][2]} image (forward)")
+    for key, value in info["config"].items():
+        print(f"  {key}: {value}")
+
+
+def train_config_from_args(args):
+    from .train import TrainConfig
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    if "model_kwargs" in values:
+        values["model_kwargs"] = _parse_kv(values["model_kwargs"])
+    if args.config:
+        return TrainConfig.from_yaml(args.config, **values)
+    return TrainConfig.from_dict(values)
+
+
+def cmd_train(args) -> None:
+    from .train import train
+    cfg = train_config_from_args(args)
+    summary = train(cfg)
+    print(json.dumps(summary, indent=2))
+
+
+def _eval_loader(ckpt: str, data: Optional[str], subset: int, batch_size: int):
+    from torch.utils.data import DataLoader, Subset
+    from .data import TransformConfig, build_dataset, build_transform
+    from .train import read_meta
+    from .train.checkpoint import load_training_state, resolve_checkpoint
+    meta = read_meta(ckpt)
+    if "transform" not in meta:
+        raise ValueError(f"{ckpt} is not a llamavit training checkpoint (no transform metadata)")
+    tcfg = TransformConfig(**meta["transform"])
+    if data is None:
+        data = load_training_state(resolve_checkpoint(ckpt))["config"]["data"]
+    ds = build_dataset(data, "val", build_transform(tcfg, is_training=False), img_size=tcfg.img_size,
+                       in_chans=tcfg.in_chans)
+    if subset:
+        ds = Subset(ds, range(min(subset, len(ds))))
+    return DataLoader(ds, batch_size=batch_size), data, len(ds)
+
+
+def cmd_eval(args) -> None:
+    from .eval import evaluate
+    from .train import model_from_checkpoint
+    model = model_from_checkpoint(args.checkpoint, use_ema=args.ema)
+    loader, data, n = _eval_loader(args.checkpoint, args.data, args.subset, args.batch_size)
+    metrics = evaluate(model, loader)
+    print(f"{data} ({n} images): top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
+          f"loss {metrics['loss']:.4f}")
+
+
+def cmd_predict(args) -> None:
+    from .data import TransformConfig
+    from .predict import predict_images
+    from .train import model_from_checkpoint, read_meta
+    meta = read_meta(args.checkpoint)
+    model = model_from_checkpoint(args.checkpoint, use_ema=args.ema)
+    results = predict_images(model, args.images, TransformConfig(**meta["transform"]), meta["classes"], args.topk)
+    for path, top in zip(args.images, results):
+        print(f"{path}: " + ", ".join(f"{name} {prob:.1%}" for name, prob in top))
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+    run_demo(args.output, epochs=args.epochs, train_subset=args.train_subset)
+
+
+COMMANDS = {"models": cmd_models, "info": cmd_info, "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
+            "demo": cmd_demo}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from .data import DatasetError
+    from .models import CheckpointError
+    from .predict import ImageReadError
+    from .train import NonFiniteLossError
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except (CheckpointError, DatasetError, ImageReadError, NonFiniteLossError, ValueError, TypeError,
+            FileNotFoundError) as e:
+        print(f"llamavit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"llamavit {args.command}: interrupted; the last checkpoint is intact", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

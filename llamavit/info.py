@@ -1,0 +1,31 @@
+"""Model facts for `llamavit info`: parameter counts, FLOPs, configuration."""
+import dataclasses
+from typing import Any, Dict
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .models import create_model
+
+
+def model_info(name: str, **kwargs) -> Dict[str, Any]:
+    """Parameters (total / trainable), GFLOPs per image (forward, counted on the meta device, so no
+    memory is allocated even for the largest models) and the resolved config of a named model."""
+    with torch.device("meta"):
+        model = create_model(name, **kwargs)
+    model.eval()
+    cfg = getattr(model, "cfg", None)
+    img_size = cfg.img_size if cfg is not None else 224
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    in_chans = cfg.in_chans if cfg is not None else 3
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.empty(1, in_chans, h, w, device="meta"))
+    return {
+        "model": name,
+        "params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "gflops": counter.get_total_flops() / 1e9,
+        "input_size": (in_chans, h, w),
+        "config": dataclasses.asdict(cfg) if cfg is not None else {},
+    }

@@ -1,0 +1,89 @@
+"""Datasets and transforms: Fashion-MNIST from the Debian files, ImageFolder, synthetic, channel mapping."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from llamavit.data import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, DatasetError, FashionMNIST, SyntheticImages,
+                           TransformConfig, build_dataset, build_transform)
+from llamavit.data.datasets import FASHION_MNIST_DIR
+
+needs_fmnist = pytest.mark.skipif(not os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")),
+                                  reason="Debian package dataset-fashion-mnist not installed (make test installs it)")
+
+
+@needs_fmnist
+def test_fashion_mnist_reads_debian_files():
+    train, test = build_dataset("fashion_mnist", "train"), build_dataset("fashion_mnist", "val")
+    assert (len(train), len(test)) == (60000, 10000)
+    assert train.classes[0] == "T-shirt/top" and train.classes[9] == "Ankle boot"
+    img, label = train[0]
+    assert img.mode == "L" and img.size == (28, 28)
+    assert label == 9  # the first training image of Fashion-MNIST is an ankle boot
+    counts = torch.bincount(train.targets, minlength=10)
+    assert counts.tolist() == [6000] * 10
+
+
+def test_fashion_mnist_missing_says_how_to_install(tmp_path):
+    with pytest.raises(DatasetError, match=r"apt-get install -y dataset-fashion-mnist"):
+        FashionMNIST(root=str(tmp_path))
+
+
+def test_unknown_dataset_and_missing_folder():
+    with pytest.raises(DatasetError, match="neither 'fashion_mnist', 'synthetic' nor an existing directory"):
+        build_dataset("/no/such/dir")
+    with pytest.raises(ValueError, match="split must be 'train' or 'val'"):
+        build_dataset("synthetic", "test")
+
+
+def test_image_folder_uses_split_subfolder(tmp_path):
+    for split in ("train", "val"):
+        for cls, value in (("cat", 30), ("dog", 200)):
+            d = tmp_path / split / cls
+            d.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((20, 24, 3), value, dtype=np.uint8)).save(d / f"{i}.png")
+    tf = build_transform(TransformConfig(img_size=16, in_chans=3, crop_pct=1.0), is_training=False)
+    ds = build_dataset(str(tmp_path), "val", tf)
+    assert ds.classes == ["cat", "dog"] and len(ds) == 6
+    x, y = ds[5]
+    assert x.shape == (3, 16, 16) and y == 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DatasetError, match="cannot read image folder"):
+        build_dataset(str(empty))
+
+
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_transform_maps_channels_and_normalises(in_chans):
+    cfg = TransformConfig(img_size=28, in_chans=in_chans, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, crop_pct=1.0)
+    gray = Image.fromarray(np.full((28, 28), 51, dtype=np.uint8))
+    x = build_transform(cfg, is_training=False)(gray)
+    assert x.shape == (in_chans, 28, 28)
+    expected = (51 / 255 - FASHION_MNIST_MEAN[0]) / FASHION_MNIST_STD[0]
+    torch.testing.assert_close(x, torch.full_like(x, expected), atol=1e-5, rtol=0)
+    rgb = Image.fromarray(np.full((28, 28, 3), 51, dtype=np.uint8))
+    assert build_transform(cfg, is_training=False)(rgb).shape == (in_chans, 28, 28)
+
+
+def test_training_transform_is_random_but_seedable():
+    cfg = TransformConfig(img_size=24, in_chans=3, scale=(0.3, 1.0), crop_pct=1.0)
+    tf = build_transform(cfg, is_training=True)
+    img = Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype(np.uint8))
+    torch.manual_seed(0); import random; random.seed(0)
+    a = tf(img)
+    torch.manual_seed(0); random.seed(0)
+    b = tf(img)
+    c = tf(img)
+    assert torch.equal(a, b) and not torch.equal(b, c)
+
+
+def test_synthetic_is_deterministic_and_labelled():
+    a, b = SyntheticImages(num_samples=8, num_classes=4, seed=3), SyntheticImages(num_samples=8, num_classes=4, seed=3)
+    assert torch.equal(a.images, b.images) and a.labels.tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    img, label = a[2]
+    assert img.size == (32, 32) and label == 2
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        build_transform(TransformConfig(in_chans=4), is_training=False)
