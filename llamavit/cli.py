@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a few test images.")
     p.add_argument("--output", default="runs/demo", help="run directory (default: runs/demo)")
     p.add_argument("--epochs", type=int, default=1, help="training epochs (default: 1)")
-    p.add_argument("--train-subset", type=int, default=20000, help="training images (default: 20000)")
+    p.add_argument("--train-subset", type=int, default=0, help="use only the first N training images (default: all 60000)")
     return parser
 
 

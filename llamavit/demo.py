@@ -12,14 +12,14 @@ from .train.loop import transform_config
 DEMO_MODEL = {"patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3}
 
 
-def run_demo(output: str = "runs/demo", epochs: int = 1, train_subset: int = 20000, num_samples: int = 6) -> dict:
+def run_demo(output: str = "runs/demo", epochs: int = 1, train_subset: int = 0, num_samples: int = 6) -> dict:
     cfg = TrainConfig(model="illama_tiny_patch16_224", model_kwargs=dict(DEMO_MODEL), img_size=28, in_chans=1,
                       data="fashion_mnist", train_subset=train_subset, epochs=epochs, batch_size=128, lr=2e-3,
-                      min_lr=1e-5, warmup_epochs=0.2, betas=(0.9, 0.99), clip_grad=1.0, scale=(0.75, 1.0),
-                      crop_pct=1.0, soft_mask="linear", soft_mask_epochs=min(0.5, epochs), output=output,
+                      min_lr=1e-5, warmup_epochs=0.1, betas=(0.9, 0.99), clip_grad=1.0, scale=(0.75, 1.0),
+                      crop_pct=1.0, soft_mask="linear", soft_mask_epochs=min(0.3, epochs), output=output,
                       log_every=10)
     print(f"[1/3] training iLLaMA ({DEMO_MODEL}, 28x28 grayscale, class token last, soft mask 1 -> 0) on "
-          f"{train_subset} Fashion-MNIST images for {epochs} epoch(s); run directory {output}")
+          f"{train_subset or 60000} Fashion-MNIST images for {epochs} epoch(s); run directory {output}")
     start = time.perf_counter()
     trainer = Trainer(cfg)
     params = sum(p.numel() for p in trainer.model.parameters())
