@@ -150,3 +150,14 @@ def test_state_file_is_weights_only_loadable(tmp_path):
     path = os.path.join(latest_checkpoint(str(tmp_path / "run")), "state.pt")
     state = torch.load(path, weights_only=True)
     assert state["step"] == 4 and state["config"]["model"] == "illama_tiny_patch16_224"
+
+
+def test_bf16_autocast_step_trains(tmp_path):
+    trainer = Trainer(tiny_cfg(tmp_path, amp=True, epochs=1))
+    images = torch.randn(16, 3, 32, 32)
+    targets = torch.arange(16) % 4
+    before = trainer.model.head.weight.detach().clone()
+    loss = trainer.train_step(images, targets)
+    assert np.isfinite(loss) and trainer.step == 1
+    assert trainer.model.head.weight.dtype == torch.float32  # autocast leaves the master weights in fp32
+    assert not torch.equal(before, trainer.model.head.weight)
