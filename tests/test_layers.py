@@ -194,7 +194,7 @@ def _qkv(b=2, h=3, n=7, d=8, dtype=torch.float64, hkv=None):
 def test_soft_mask_attention_matches_naive_values_and_grads(rate):
     q, k, v = _qkv()
     grad_out = torch.randn(2, 3, 7, 8, dtype=torch.float64)
-    fused = soft_mask_attention(q, k, v, rate)
+    fused = soft_mask_attention(q, k, v, rate, impl="sdpa")
     naive = naive_soft_mask_attention(q, k, v, rate)
     torch.testing.assert_close(fused, naive, atol=1e-12, rtol=1e-10)
     g_fused = torch.autograd.grad(fused, (q, k, v), grad_out)
@@ -202,6 +202,30 @@ def test_soft_mask_attention_matches_naive_values_and_grads(rate):
     for name, a, b in zip("qkv", g_fused, g_naive):
         assert torch.isfinite(a).all(), name
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10, msg=f"gradient wrt {name} (rate {rate})")
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.5])
+def test_soft_mask_auto_picks_explicit_on_short_cpu_sequences_and_sdpa_otherwise(rate, monkeypatch):
+    import llamavit.layers.attention as attn_mod
+    calls = []
+    monkeypatch.setattr(attn_mod, "naive_soft_mask_attention",
+                        lambda *a: calls.append("explicit") or naive_soft_mask_attention(*a))
+    q, k, v = _qkv(n=attn_mod.CPU_EXPLICIT_MAX_TOKENS)
+    attn_mod.soft_mask_attention(q, k, v, rate)
+    assert calls == ["explicit"]
+    q, k, v = _qkv(b=1, h=1, n=attn_mod.CPU_EXPLICIT_MAX_TOKENS + 1, d=4)
+    out = attn_mod.soft_mask_attention(q, k, v, rate)
+    assert calls == ["explicit"]  # the longer sequence went through the mirrored-keys SDPA
+    torch.testing.assert_close(out, naive_soft_mask_attention(q, k, v, rate), atol=1e-10, rtol=1e-8)
+    with pytest.raises(ValueError, match="unknown soft-mask implementation 'flash'"):
+        attn_mod.soft_mask_attention(q, k, v, rate, impl="flash")
+
+
+def test_soft_mask_forms_agree_with_grouped_query_heads():
+    q, k, v = _qkv(h=4, hkv=2)
+    explicit = soft_mask_attention(q, k, v, 0.3, impl="explicit")
+    fused = soft_mask_attention(q, k, v, 0.3, impl="sdpa", enable_gqa=True)
+    torch.testing.assert_close(explicit, fused, atol=1e-12, rtol=1e-10)
 
 
 def test_naive_soft_mask_is_the_official_formula():
