@@ -14,6 +14,10 @@ def model_info(name: str, **kwargs) -> Dict[str, Any]:
     with torch.device("meta"):
         model = create_model(name, **kwargs)
     model.eval()
+    if hasattr(model, "set_soft_mask_rate"):
+        # the soft mask changes which of the N x N products are kept, not how many; at rate 1 the count
+        # is the architecture's, not the 2N-key form the fused kernel executes
+        model.set_soft_mask_rate(1.0)
     cfg = getattr(model, "cfg", None)
     img_size = cfg.img_size if cfg is not None else 224
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size

@@ -32,7 +32,10 @@ def test_models_lists_names(capsys):
 
 def test_info_reports_official_parameter_count(capsys):
     code, out, _ = run(capsys, "info", "illama_small_patch16_224")
-    assert code == 0 and "22,018,024 parameters" in out and "embed_dim: 384" in out and "GFLOPs" in out
+    assert code == 0 and "22,018,024 parameters" in out and "embed_dim: 384" in out
+    code, out, _ = run(capsys, "info", "illama_tiny_patch16_224")
+    # the architecture's FLOPs, equal to DeiT-T's (timm counts 2.507 with attention included)
+    assert "5,701,096 parameters (5,701,096 trainable), 2.51 GFLOPs per 224x224 image" in out
 
 
 def test_unknown_model_suggests_close_names(capsys):
