@@ -12,7 +12,7 @@ from .train.loop import transform_config
 DEMO_MODEL = {"patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3}
 
 
-def run_demo(output: str = "runs/demo", epochs: int = 1, train_subset: int = 0, num_samples: int = 6) -> dict:
+def run_demo(output: str = "runs/demo", epochs: int = 1, train_subset: int = 0, num_samples: int = 8) -> dict:
     cfg = TrainConfig(model="illama_tiny_patch16_224", model_kwargs=dict(DEMO_MODEL), img_size=28, in_chans=1,
                       data="fashion_mnist", train_subset=train_subset, epochs=epochs, batch_size=128, lr=2e-3,
                       min_lr=1e-5, warmup_epochs=0.1, betas=(0.9, 0.99), clip_grad=1.0, scale=(0.75, 1.0),
@@ -30,14 +30,14 @@ def run_demo(output: str = "runs/demo", epochs: int = 1, train_subset: int = 0, 
     print("[2/3] evaluating on the 10,000 Fashion-MNIST test images")
     print(f"      test top-1 {summary['val_top1']:.2f}%  top-5 {summary['val_top5']:.2f}%")
 
-    print(f"[3/3] classifying {num_samples} test images saved as PNG files")
+    print(f"[3/3] classifying the first {num_samples} test images, saved as PNG files")
     raw_test = build_dataset("fashion_mnist", "val")
     sample_dir = os.path.join(output, "samples")
     os.makedirs(sample_dir, exist_ok=True)
     paths, truths = [], []
     for i in range(num_samples):
-        img, label = raw_test[i * 997 % len(raw_test)]
-        path = os.path.join(sample_dir, f"test_{i * 997 % len(raw_test):05d}.png")
+        img, label = raw_test[i]
+        path = os.path.join(sample_dir, f"test_{i:05d}.png")
         img.save(path)
         paths.append(path)
         truths.append(raw_test.classes[label])
@@ -46,6 +46,8 @@ def run_demo(output: str = "runs/demo", epochs: int = 1, train_subset: int = 0, 
         mark = "ok " if top[0][0] == truth else "MISS"
         print(f"      {mark} {os.path.basename(path)} (true: {truth}): " +
               ", ".join(f"{name} {prob:.0%}" for name, prob in top))
+    hits = sum(top[0][0] == truth for truth, top in zip(truths, results))
+    print(f"      {hits}/{num_samples} correct")
     print(f"done. Try:  llamavit predict {paths[0]} --checkpoint {output}")
     print(f"            llamavit eval --checkpoint {output}")
     return summary
