@@ -10,7 +10,6 @@
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import typing
 from typing import List, Optional

@@ -4,7 +4,6 @@ import os
 import time
 
 from .data import build_dataset
-from .eval import evaluate
 from .predict import predict_images
 from .train import TrainConfig, Trainer
 from .train.loop import transform_config

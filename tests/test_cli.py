@@ -4,9 +4,7 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from llamavit.cli import main
 from llamavit.data.datasets import FASHION_MNIST_DIR

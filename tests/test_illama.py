@@ -1,6 +1,5 @@
 """iLLaMA: parity with the official implementation, checkpoint loading, the timm contract, errors."""
 import argparse
-import math
 
 import pytest
 import timm
