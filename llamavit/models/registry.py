@@ -13,9 +13,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from . import illama
 
 # family -> (model class, config class, official checkpoint filter)
-FAMILIES: Dict[str, tuple] = {
-    "illama": (illama.ILLaMA, illama.ILLaMAConfig, illama.checkpoint_filter_fn),
-}
+FAMILIES: Dict[str, tuple] = {}
 MODEL_FAMILY: Dict[str, str] = {}
 _ARCH_DEFAULTS: Dict[str, dict] = {}
 _TIMM_BUILD_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "feature_cfg", "features_only")
@@ -39,9 +37,20 @@ def _build(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     return build_model_with_cfg(model_cls, name, pretrained, pretrained_filter_fn=filter_fn, **timm_args, **kwargs)
 
 
-def _register(name: str, family: str, img_size: int, doc: str, **arch) -> None:
+default_cfgs: Dict[str, object] = {}  # timm reads this module attribute when a name is registered
+
+
+def register_family(family: str, model_cls: type, cfg_cls: type, filter_fn: Callable) -> None:
+    """Declare a model family: its nn.Module, its config dataclass and its official-checkpoint filter."""
+    FAMILIES[family] = (model_cls, cfg_cls, filter_fn)
+
+
+def _register(name: str, family: str, img_size: int, doc: str, pretrained_cfg: Optional[dict] = None,
+              **arch) -> None:
+    """Register one named config with timm; `arch` holds the config fields it fixes."""
     MODEL_FAMILY[name] = family
     _ARCH_DEFAULTS[name] = {"img_size": img_size, **arch}
+    default_cfgs.update(generate_default_cfgs({name: _cfg(img_size, **(pretrained_cfg or {}))}))
 
     def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
         return _build(name, pretrained, **kwargs)
@@ -52,9 +61,8 @@ def _register(name: str, family: str, img_size: int, doc: str, **arch) -> None:
     register_model(entrypoint)
 
 
+register_family("illama", illama.ILLaMA, illama.ILLaMAConfig, illama.checkpoint_filter_fn)
 _ILLAMA_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
-default_cfgs = generate_default_cfgs({
-    f"illama_{size}_patch16_{res}": _cfg(res) for size in _ILLAMA_SIZES for res in (224, 384)})
 for _size, (_dim, _depth, _heads) in _ILLAMA_SIZES.items():
     for _res in (224, 384):
         _register(f"illama_{_size}_patch16_{_res}", "illama", _res,
