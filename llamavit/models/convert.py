@@ -5,7 +5,7 @@ containers (`torch.load(weights_only=True)`)."""
 import argparse
 import os
 import pickle
-from typing import Dict
+from typing import Dict, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -76,10 +76,33 @@ def check_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], sour
         raise CheckpointError(f"{source} does not fit {type(model).__name__} — " + "; ".join(problems))
 
 
-def load_checkpoint(model: nn.Module, path: str) -> nn.Module:
-    """Load weights from `path` into `model` (format detected, official keys converted), strictly."""
+def read_state_dicts(paths: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """The merged raw state dicts of several files (e.g. a backbone file and a head file); keys may not overlap."""
+    merged: Dict[str, torch.Tensor] = {}
+    for path in paths:
+        state_dict = read_state_dict(path)
+        overlap = set(merged) & set(state_dict)
+        if overlap:
+            raise CheckpointError(f"{path} repeats keys of the files before it: {_keys_report(overlap)}")
+        merged.update(state_dict)
+    return merged
+
+
+def load_checkpoint(model: nn.Module, path: Union[str, Sequence[str]], assign: bool = False) -> nn.Module:
+    """Load weights from `path` (a file, a llamavit checkpoint directory, or a list of files to merge)
+    into `model` (format detected, official keys converted), strictly.
+
+    assign=True keeps the loaded tensors instead of copying them into the model's, as needed for a
+    model built on the 'meta' device; every parameter and buffer must then come from the checkpoint.
+    """
     from .registry import filter_fn_for
-    state_dict = filter_fn_for(model)(read_state_dict(path), model)
-    check_state_dict(model, state_dict, source=f"checkpoint {path}")
-    model.load_state_dict(state_dict, strict=True)
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    raw = read_state_dicts(paths)
+    source = f"checkpoint {paths[0] if len(paths) == 1 else paths}"
+    state_dict = filter_fn_for(model)(raw, model)
+    check_state_dict(model, state_dict, source=source)
+    model.load_state_dict(state_dict, strict=True, assign=assign)
+    left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{source} left tensors unset on the meta device: {_keys_report(left)}")
     return model

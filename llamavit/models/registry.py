@@ -1,16 +1,18 @@
 """Model names: every llamavit model is registered with timm, so `timm.create_model(name)` works
 after `import llamavit`. `create_model` adds checkpoint loading and clear errors on top."""
+import contextlib
 import dataclasses
 import difflib
 import fnmatch
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import timm
+import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from . import illama
+from . import aim, illama
 
 # family -> (model class, config class, official checkpoint filter)
 FAMILIES: Dict[str, tuple] = {}
@@ -69,6 +71,15 @@ for _size, (_dim, _depth, _heads) in _ILLAMA_SIZES.items():
                   f"iLLaMA-{_size[0].upper()}, patch 16, {_res}px (D={_dim}, depth={_depth}, heads={_heads}).",
                   patch_size=16, embed_dim=_dim, depth=_depth, num_heads=_heads)
 
+register_family("aim", aim.AIM, aim.AIMConfig, aim.checkpoint_filter_fn)
+_AIM_SIZES = {"600m": (1536, 24, 12), "1b": (2048, 24, 16), "3b": (3072, 24, 24), "7b": (4096, 32, 32)}
+for _size, (_dim, _depth, _heads) in _AIM_SIZES.items():
+    _register(f"aim_{_size}_patch14_224", "aim", 224,
+              f"AIM-{_size.upper()} v1 with the attentive probe, patch 14, 224px (D={_dim}, blocks={_depth}, "
+              f"heads={_heads}).", pretrained_cfg={"first_conv": "preprocessor.patchifier.proj",
+                                                   "classifier": "head.linear"},
+              patch_size=14, embed_dim=_dim, depth=_depth, num_heads=_heads)
+
 
 def list_models(pattern: str = "*") -> List[str]:
     """llamavit model names matching a shell-style pattern, sorted."""
@@ -87,20 +98,26 @@ def check_model_name(name: str) -> None:
         raise ValueError(f"unknown model {name!r}{hint}")
 
 
-def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[str] = None, **kwargs) -> nn.Module:
+def create_model(name: str, pretrained: bool = False, checkpoint_path: Union[str, Sequence[str], None] = None,
+                 **kwargs) -> nn.Module:
     """Build a llamavit model by name; kwargs (timm names) override the named config.
 
     checkpoint_path: our safetensors / training checkpoint, or an official release file of the
-    family ({'model': state_dict} or plain, official key names); the format is detected.
+    family ({'model': state_dict} or plain, official key names); the format is detected. A list of
+    files (e.g. AIM's separate backbone and head files) is merged; keys may not overlap.
     """
     check_model_name(name)
     if pretrained and checkpoint_path is None:
         raise ValueError(f"{name}: llamavit downloads no weights; pass checkpoint_path=<official or llamavit "
                          f"checkpoint file> instead of pretrained=True")
-    model = timm.create_model(name, pretrained=False, **kwargs)
+    # families with no state outside the state dict are built on 'meta' and take the loaded tensors
+    # as they are (assign=True), so a 7B model is never materialised twice
+    on_meta = checkpoint_path is not None and getattr(FAMILIES[MODEL_FAMILY[name]][0], "supports_meta_init", False)
+    with torch.device("meta") if on_meta else contextlib.nullcontext():
+        model = timm.create_model(name, pretrained=False, **kwargs)
     if checkpoint_path is not None:
         from .convert import load_checkpoint
-        load_checkpoint(model, checkpoint_path)
+        load_checkpoint(model, checkpoint_path, assign=on_meta)
     return model
 
 

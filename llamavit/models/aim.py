@@ -1,0 +1,200 @@
+"""AIM v1: the autoregressive image model (El-Nouby et al., "Scalable Pre-training of Large
+Autoregressive Image Models"), trunk and attentive probe as in apple/ml-aim (aim-v1, torch backend).
+
+preprocessor: Conv2d patch embed (bias) -> LayerNorm -> + fixed 2D sin-cos positions of the input grid
+trunk:        pre-norm blocks (LayerNorm, bias-free attention and GELU MLP), attention mask injected
+head:         mean of the RAW outputs of the `probe_layers` blocks -> attentive pooling -> Linear
+
+Module names are the official ones (preprocessor.patchifier.*, trunk.blocks.i.*, head.*), so released
+backbone/head files load without renaming. The same trunk serves probing (no mask) and pre-training
+(`model(x, attn_mask=prefix_causal_mask(...))`, `forward_trunk` for the decoder's input).
+"""
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath, Mlp
+from torch.utils.checkpoint import checkpoint
+
+from ..layers import Attention, PatchEmbed
+from ..layers.attentive_pool import AttentivePoolingHead
+from ..layers.pos_embed import sincos_2d
+
+
+@dataclass
+class AIMConfig:
+    img_size: Union[int, Tuple[int, int]] = 224
+    patch_size: int = 14
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 1536
+    depth: int = 24
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = False
+    norm_eps: float = 1e-6
+    probe_layers: Union[int, Sequence[int]] = 6   # int K = the last K blocks; or 0-based block indices
+    drop_path_rate: float = 0.0                   # not in the official model; for fine-tuning
+
+
+class Patchifier(PatchEmbed):
+    """Conv patch embed then LayerNorm. (B, C, H, W) -> (B, H/p * W/p, D), raster order."""
+
+    def __init__(self, img_size, patch_size: int, in_chans: int, embed_dim: int, norm_eps: float):
+        super().__init__(img_size, patch_size, in_chans, embed_dim, bias=True)
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(super().forward(x))
+
+
+class Preprocessor(nn.Module):
+    """Patch tokens plus the 2D sin-cos table of the actual input grid (no parameters for positions)."""
+
+    def __init__(self, cfg: AIMConfig):
+        super().__init__()
+        self.patchifier = Patchifier(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patchifier(x)
+        ph, pw = self.patchifier.patch_size
+        pos = sincos_2d(tokens.shape[-1], x.shape[-2] // ph, x.shape[-1] // pw, device=x.device)
+        return tokens + pos.to(tokens.dtype)
+
+
+class Block(nn.Module):
+    """x + attn(LN(x), mask), x + mlp(LN(x)); all Linears bias-free, exact GELU. (B, N, D) -> (B, N, D)."""
+
+    def __init__(self, cfg: AIMConfig, drop_path: float = 0.0):
+        super().__init__()
+        dim = cfg.embed_dim
+        self.norm_1 = nn.LayerNorm(dim, eps=cfg.norm_eps)
+        self.attn = Attention(dim, cfg.num_heads, qkv_bias=cfg.qkv_bias, proj_bias=False)
+        self.norm_2 = nn.LayerNorm(dim, eps=cfg.norm_eps)
+        self.mlp = Mlp(dim, int(cfg.mlp_ratio * dim), act_layer=nn.GELU, bias=False)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm_1(x), attn_mask=attn_mask))
+        return x + self.drop_path(self.mlp(self.norm_2(x)))
+
+
+class Trunk(nn.Module):
+    """The blocks and the post-trunk norm (read only by the pre-training decoder, not by the probe)."""
+
+    def __init__(self, cfg: AIMConfig):
+        super().__init__()
+        dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList([Block(cfg, dpr[i]) for i in range(cfg.depth)])
+        self.post_trunk_norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+
+
+def resolve_probe_layers(probe_layers: Union[int, Sequence[int]], depth: int) -> Tuple[int, ...]:
+    """An int K -> the last K block indices; a list -> itself, checked to be in [0, depth)."""
+    if isinstance(probe_layers, int):
+        if not 1 <= probe_layers <= depth:
+            raise ValueError(f"probe_layers={probe_layers} must be between 1 and depth={depth}")
+        return tuple(range(depth - probe_layers, depth))
+    layers = tuple(int(i) for i in probe_layers)
+    if not layers or any(not 0 <= i < depth for i in layers):
+        raise ValueError(f"probe_layers {list(layers)} must be non-empty 0-based block indices below depth={depth}")
+    return layers
+
+
+class AIM(nn.Module):
+    """AIM v1 classifier with the attentive probe. forward: (B, C, H, W) -> (B, num_classes).
+
+    `forward_features` returns the head input: the mean of the raw (un-normed) outputs of the probe
+    layers, (B, N, D) in raster order; AIM has no final norm on that path.
+    """
+
+    supports_meta_init = True   # no state outside the state dict: safe to build on 'meta' and load with assign
+
+    def __init__(self, cfg: Optional[AIMConfig] = None, **kwargs):
+        super().__init__()
+        cfg = cfg or AIMConfig(**kwargs)
+        self.cfg = cfg
+        self.num_classes = cfg.num_classes
+        self.num_features = self.embed_dim = cfg.embed_dim
+        self.num_prefix_tokens = 0
+        self.probe_layers = resolve_probe_layers(cfg.probe_layers, cfg.depth)
+        self.grad_checkpointing = False
+        self.preprocessor = Preprocessor(cfg)
+        self.trunk = Trunk(cfg)
+        self.head = AttentivePoolingHead(cfg.embed_dim, cfg.num_classes, cfg.num_heads, bn_eps=cfg.norm_eps)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        w = self.preprocessor.patchifier.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))   # the patch conv as a Linear, as MAE and AIM do
+
+    # --- timm contract -------------------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {"head.cls_token"}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.linear
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset_classifier(num_classes)
+
+    # --- forward -------------------------------------------------------------------------------
+    def _blocks(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], last: int) -> List[torch.Tensor]:
+        """Run blocks 0..last; returns every block's raw output."""
+        n = x.shape[1]
+        if attn_mask is not None and tuple(attn_mask.shape[-2:]) != (n, n):
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not fit {n} tokens; expected "
+                             f"(N, N) or (B, 1, N, N) with N = {n}")
+        outputs = []
+        for blk in self.trunk.blocks[:last + 1]:
+            if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, attn_mask, use_reentrant=False)
+            else:
+                x = blk(x, attn_mask)
+            outputs.append(x)
+        return outputs
+
+    def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, C, H, W) -> the head input (B, N, D): mean of the raw outputs of the probe layers.
+
+        attn_mask: boolean, True = may attend, (N, N) or (B, 1, N, N), applied in every block.
+        Only the blocks up to the deepest probe layer run.
+        """
+        outputs = self._blocks(self.preprocessor(x), attn_mask, max(self.probe_layers))
+        return torch.stack([outputs[i] for i in self.probe_layers]).mean(dim=0)
+
+    def forward_trunk(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, C, H, W) -> post_trunk_norm(last block) (B, N, D): what the pre-training decoder reads."""
+        return self.trunk.post_trunk_norm(self._blocks(self.preprocessor(x), attn_mask, len(self.trunk.blocks) - 1)[-1])
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Head input (B, N, D) -> logits (B, num_classes), or the pooled (B, D) with pre_logits."""
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x, attn_mask))
+
+
+def checkpoint_filter_fn(state_dict: dict, model: AIM) -> dict:
+    """Official AIM keys are ours already: strip a DDP 'module.' prefix and keep BatchNorm's counter an
+    integer (some exports store it as float, which `load_state_dict(assign=True)` would keep)."""
+    out = {}
+    for k, v in state_dict.items():
+        k = k.removeprefix("module.")
+        if k.endswith("num_batches_tracked"):
+            v = v.long()
+        out[k] = v
+    return out
