@@ -75,3 +75,69 @@ class RotaryEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, theta={self.theta}, layout={self.layout}"
+
+
+# --- 2D RoPE over a grid of patches (VisionLLaMA) ------------------------------------------------------------------
+
+def grid_positions(num_tokens: int, row_width: int, step: float = 1.0, offset: float = 0.0,
+                   class_token: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) float32 positions of tokens laid out row by row, `row_width` per row.
+
+    Token p (0..num_tokens-1) sits at x = offset + step * (p mod row_width), y = offset + step * (p div
+    row_width). With `class_token`, one more token with p = -1 comes first, i.e. (row_width - 1, -1)
+    for step 1: the position VisionLLaMA gives its class token.
+    """
+    p = torch.arange(-1 if class_token else 0, num_tokens)
+    x = offset + step * torch.remainder(p, row_width).float()
+    y = offset + step * torch.div(p, row_width, rounding_mode="floor").float()
+    return x, y
+
+
+def rope_2d_angles(x: torch.Tensor, y: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Rotation angles (N, head_dim // 2) of 2D RoPE for positions x, y (N,).
+
+    Complex channel pair 2k turns by x * w_k and pair 2k + 1 by y * w_k, w_k = theta^(-4k / head_dim),
+    k < head_dim / 4: the x and y frequencies alternate along the head dim (interleaved layout).
+    """
+    if head_dim % 4:
+        raise ValueError(f"2D RoPE needs a head dim divisible by 4, got {head_dim}")
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 4, dtype=torch.float32) / head_dim))
+    return torch.stack((torch.outer(x, freqs), torch.outer(y, freqs)), dim=-1).flatten(1)
+
+
+class Rope2D(nn.Module):
+    """2D RoPE tables (cos, sin), each (N, head_dim // 2) float32, cached per layout of positions.
+
+    `forward(num_tokens, row_width, scale, step, offset, class_token)` returns the tables of
+    `grid_positions(...) * scale`. AS2DRoPE is the `scale` argument: the caller passes
+    anchor / current size, so positions at any resolution are mapped onto the anchor's range.
+    Tables are computed once per (arguments, device) and kept in memory, never in checkpoints.
+    """
+
+    def __init__(self, head_dim: int, theta: float = 10000.0, max_cached: int = 32):
+        super().__init__()
+        if head_dim % 4:
+            raise ValueError(f"2D RoPE needs a head dim divisible by 4, got {head_dim}")
+        self.head_dim = head_dim
+        self.theta = theta
+        self.max_cached = max_cached
+        self._cache: dict = {}
+        # a non-persistent buffer only to know the module's device after .to()
+        self.register_buffer("_device_probe", torch.zeros(0), persistent=False)
+
+    def forward(self, num_tokens: int, row_width: int, scale: float = 1.0, step: float = 1.0, offset: float = 0.0,
+                class_token: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        device = self._device_probe.device
+        key = (num_tokens, row_width, float(scale), float(step), float(offset), class_token, device)
+        tables = self._cache.get(key)
+        if tables is None:
+            x, y = grid_positions(num_tokens, row_width, step, offset, class_token)
+            angles = rope_2d_angles(x * scale, y * scale, self.head_dim, self.theta).to(device)
+            tables = (angles.cos(), angles.sin())
+            if len(self._cache) >= self.max_cached:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = tables
+        return tables
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, theta={self.theta}"

@@ -12,10 +12,11 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from . import aim, illama
+from . import aim, illama, visionllama, visionllama_pyramid
 
 # family -> (model class, config class, official checkpoint filter)
 FAMILIES: Dict[str, tuple] = {}
+_FEATURE_CFGS: Dict[str, dict] = {}  # family -> timm feature_cfg for features_only=True
 MODEL_FAMILY: Dict[str, str] = {}
 _ARCH_DEFAULTS: Dict[str, dict] = {}
 _TIMM_BUILD_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "feature_cfg", "features_only")
@@ -31,6 +32,8 @@ def _build(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     family = MODEL_FAMILY[name]
     model_cls, cfg_cls, filter_fn = FAMILIES[family]
     timm_args = {k: kwargs.pop(k) for k in _TIMM_BUILD_ARGS if k in kwargs}
+    if family in _FEATURE_CFGS:
+        timm_args.setdefault("feature_cfg", dict(_FEATURE_CFGS[family]))
     kwargs = {**_ARCH_DEFAULTS[name], **kwargs}
     valid = {f.name for f in dataclasses.fields(cfg_cls)}
     unknown = sorted(set(kwargs) - valid)
@@ -42,9 +45,13 @@ def _build(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
 default_cfgs: Dict[str, object] = {}  # timm reads this module attribute when a name is registered
 
 
-def register_family(family: str, model_cls: type, cfg_cls: type, filter_fn: Callable) -> None:
-    """Declare a model family: its nn.Module, its config dataclass and its official-checkpoint filter."""
+def register_family(family: str, model_cls: type, cfg_cls: type, filter_fn: Callable,
+                    feature_cfg: Optional[dict] = None) -> None:
+    """Declare a model family: its nn.Module, its config dataclass and its official-checkpoint filter;
+    `feature_cfg` (timm's) makes `features_only=True` work."""
     FAMILIES[family] = (model_cls, cfg_cls, filter_fn)
+    if feature_cfg is not None:
+        _FEATURE_CFGS[family] = feature_cfg
 
 
 def _register(name: str, family: str, img_size: int, doc: str, pretrained_cfg: Optional[dict] = None,
@@ -79,6 +86,34 @@ for _size, (_dim, _depth, _heads) in _AIM_SIZES.items():
               f"heads={_heads}).", pretrained_cfg={"first_conv": "preprocessor.patchifier.proj",
                                                    "classifier": "head.linear"},
               patch_size=14, embed_dim=_dim, depth=_depth, num_heads=_heads)
+
+register_family("visionllama", visionllama.VisionLLaMA, visionllama.VisionLLaMAConfig,
+                visionllama.checkpoint_filter_fn, feature_cfg={"feature_cls": "getter"})
+_VISIONLLAMA_SIZES = {"small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
+for _size, (_dim, _depth, _heads) in _VISIONLLAMA_SIZES.items():
+    _register(f"visionllama_{_size}_patch16_224", "visionllama", 224,
+              f"VisionLLaMA-{_size[0].upper()} plain, patch 16, 224px (D={_dim}, depth={_depth}, heads={_heads}), "
+              f"2D RoPE; rope_auto_scale=True for AS2DRoPE.", patch_size=16, embed_dim=_dim, depth=_depth,
+              num_heads=_heads)
+_register("visionllama_large_as_patch16_224", "visionllama", 224,
+          "VisionLLaMA-L plain with AS2DRoPE (the official `_as` variant).", patch_size=16, embed_dim=1024, depth=24,
+          num_heads=16, rope_auto_scale=True)
+
+register_family("visionllama_pyramid", visionllama_pyramid.VisionLLaMAPyramid,
+                visionllama_pyramid.VisionLLaMAPyramidConfig, visionllama_pyramid.checkpoint_filter_fn,
+                feature_cfg={"feature_cls": "getter", "out_indices": (0, 1, 2, 3)})
+_PYRAMID_SIZES = {"small": ((64, 128, 256, 512), (2, 2, 10, 4), (2, 4, 8, 16)),
+                  "base": ((96, 192, 384, 768), (2, 2, 18, 2), (3, 6, 12, 24)),
+                  "large": ((128, 256, 512, 1024), (2, 2, 18, 2), (4, 8, 16, 32))}
+_PYRAMID_CFG = {"first_conv": "patch_embeds.0.proj"}
+for _size, (_dims, _depths, _heads) in _PYRAMID_SIZES.items():
+    _register(f"visionllama_pyramid_{_size}_224", "visionllama_pyramid", 224,
+              f"Pyramid VisionLLaMA-{_size[0].upper()} (Twins-SVT layout, dims {_dims}, depths {_depths}), 224px.",
+              pretrained_cfg=_PYRAMID_CFG, embed_dims=_dims, depths=_depths, num_heads=_heads)
+_register("visionllama_pyramid_large_as_224", "visionllama_pyramid", 224,
+          "Pyramid VisionLLaMA-L with AS2DRoPE in the global attention (the official `_as` variant).",
+          pretrained_cfg=_PYRAMID_CFG, embed_dims=(128, 256, 512, 1024), depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
+          rope_auto_scale=True)
 
 
 def list_models(pattern: str = "*") -> List[str]:

@@ -1,0 +1,253 @@
+"""VisionLLaMA, pyramid form: Twins-SVT with VisionLLaMA blocks, 2D RoPE instead of the PEG.
+
+Four stages, each: strided-conv patch embed + LayerNorm, then blocks alternating locally-grouped
+window attention (even index, window-local RoPE positions) and global sub-sampled attention (odd
+index, RoPE on queries at their grid positions and on the sub-sampled keys at the official
+positions, see `gsa_key_positions`). No class token; head = Linear(norm(mean(norm(tokens)))), the same
+LayerNorm twice as in the official code. Matches Meituan-AutoML/VisionLLaMA deit/my_models.py
+(PyramidVisionLLaMA + GroupBlock) numerically, at any input size whose stages stay non-empty.
+"""
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath, LayerScale, trunc_normal_
+from timm.models._features import feature_take_indices
+from torch.utils.checkpoint import checkpoint
+
+from ..layers import Rope2D, SubsampledAttention, SwiGLU, WindowAttention, swiglu_hidden_dim
+from .visionllama import checkpoint_filter_fn  # the same official -> ours key mapping
+
+__all__ = ["VisionLLaMAPyramid", "VisionLLaMAPyramidConfig", "checkpoint_filter_fn"]
+
+
+@dataclass
+class VisionLLaMAPyramidConfig:
+    img_size: Union[int, Tuple[int, int]] = 224
+    patch_size: int = 4
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dims: Sequence[int] = (64, 128, 256, 512)
+    depths: Sequence[int] = (2, 2, 10, 4)
+    num_heads: Sequence[int] = (2, 4, 8, 16)
+    mlp_ratio: float = 4.0
+    mlp_multiple_of: int = 256
+    qkv_bias: bool = True
+    wss: Sequence[int] = (7, 7, 7, 7)          # window size of the locally-grouped attention per stage
+    sr_ratios: Sequence[int] = (8, 4, 2, 1)    # key/value sub-sampling of the global attention per stage
+    norm_eps: float = 1e-5
+    init_values: Optional[float] = 1e-4
+    global_pool: str = "avg"
+    rope_theta: float = 10000.0
+    rope_auto_scale: bool = False   # global-attention positions * rope_ref_grid / stage grid height
+    rope_ref_grid: int = 14
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+
+
+class StageEmbed(nn.Module):
+    """Strided conv + LayerNorm. (B, C, H, W) -> tokens (B, H/s * W/s, D) and the grid (H/s, W/s)."""
+
+    def __init__(self, in_chans: int, embed_dim: int, stride: int, norm_eps: float):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=stride, stride=stride)
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        x = self.proj(x)
+        grid = (x.shape[-2], x.shape[-1])
+        return self.norm(x.flatten(2).transpose(1, 2)), grid
+
+
+class GroupBlock(nn.Module):
+    """Pre-norm block around window (LSA) or sub-sampled (GSA) attention. (B, H*W, C) -> same."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, window_size: Optional[int], sr_ratio: int,
+                 qkv_bias: bool, norm_eps: float, init_values: Optional[float], proj_drop: float, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        if window_size:
+            self.attn = WindowAttention(dim, num_heads, window_size, qkv_bias=qkv_bias, proj_drop=proj_drop)
+        else:
+            self.attn = SubsampledAttention(dim, num_heads, sr_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop,
+                                            norm_eps=norm_eps)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = SwiGLU(dim, mlp_hidden, bias=False, drop=proj_drop)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, grid: Tuple[int, int], ropes: tuple) -> torch.Tensor:
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), grid, *ropes)))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+
+
+def gsa_key_positions(sr_ratio: int) -> dict:
+    """Grid arguments of the sub-sampled keys' RoPE positions, reproducing the official code: reduced
+    token p sits at (1 - 1/sr) + sr * (p mod W, p div W) with W the FULL-resolution width (not W / sr)."""
+    return {"step": float(sr_ratio), "offset": 1.0 - 1.0 / sr_ratio}
+
+
+class VisionLLaMAPyramid(nn.Module):
+    """Pyramid VisionLLaMA classifier. forward: (B, C, H, W) -> (B, num_classes)."""
+
+    def __init__(self, cfg: Optional[VisionLLaMAPyramidConfig] = None, **kwargs):
+        super().__init__()
+        cfg = cfg or VisionLLaMAPyramidConfig(**kwargs)
+        stages = len(cfg.depths)
+        for name in ("embed_dims", "num_heads", "wss", "sr_ratios"):
+            if len(getattr(cfg, name)) != stages:
+                raise ValueError(f"{name} has {len(getattr(cfg, name))} entries but depths has {stages} stages")
+        if cfg.global_pool != "avg":
+            raise ValueError(f"the pyramid has no class token: global_pool must be 'avg', got {cfg.global_pool!r}")
+        self.cfg = cfg
+        self.num_classes = cfg.num_classes
+        self.global_pool = "avg"
+        self.num_features = self.embed_dim = cfg.embed_dims[-1]
+        self.num_prefix_tokens = 0
+        self.grad_checkpointing = False
+        self.in_chans = cfg.in_chans
+        self.strides = [cfg.patch_size * 2 ** i for i in range(stages)]
+
+        self.patch_embeds = nn.ModuleList([
+            StageEmbed(cfg.in_chans if i == 0 else cfg.embed_dims[i - 1], cfg.embed_dims[i],
+                       cfg.patch_size if i == 0 else 2, cfg.norm_eps) for i in range(stages)])
+        self.ropes = nn.ModuleList([Rope2D(cfg.embed_dims[i] // cfg.num_heads[i], cfg.rope_theta)
+                                    for i in range(stages)])
+        total = sum(cfg.depths)
+        dpr = [cfg.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        self.blocks = nn.ModuleList()
+        for i in range(stages):
+            hidden = swiglu_hidden_dim(cfg.embed_dims[i], cfg.mlp_ratio, cfg.mlp_multiple_of)
+            first = sum(cfg.depths[:i])
+            self.blocks.append(nn.ModuleList([
+                GroupBlock(cfg.embed_dims[i], cfg.num_heads[i], hidden, cfg.wss[i] if j % 2 == 0 else None,
+                           cfg.sr_ratios[i], cfg.qkv_bias, cfg.norm_eps, cfg.init_values, cfg.drop_rate,
+                           dpr[first + j]) for j in range(cfg.depths[i])]))
+        self.norm = nn.LayerNorm(self.embed_dim, eps=cfg.norm_eps)
+        self.head_drop = nn.Dropout(cfg.drop_rate)
+        self.head = nn.Linear(self.embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.feature_info = [{"num_chs": cfg.embed_dims[i], "reduction": self.strides[i], "module": f"blocks.{i}"}
+                             for i in range(stages)]
+        self.apply(_init_weights)
+
+    # --- timm contract -------------------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return set()
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"the pyramid has no class token: global_pool must be 'avg', got {global_pool!r}")
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    # --- forward -------------------------------------------------------------------------------
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4:
+            raise ValueError(f"expected images of shape (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
+        _, c, h, w = x.shape
+        if c != self.in_chans:
+            raise ValueError(f"expected {self.in_chans} input channel(s), got {c} (input shape {tuple(x.shape)})")
+        smallest = max(stride * sr for stride, sr in zip(self.strides, self.cfg.sr_ratios))
+        if h % self.cfg.patch_size or w % self.cfg.patch_size or h < smallest or w < smallest:
+            raise ValueError(f"input size {h}x{w} must be a multiple of the patch size {self.cfg.patch_size} and at "
+                             f"least {smallest}x{smallest} so that every stage and its key sub-sampling keep a token")
+
+    def stage_ropes(self, stage: int, grid: Tuple[int, int]) -> Tuple[tuple, tuple]:
+        """RoPE tables of one stage: (window,) for LSA blocks, (queries, keys) for GSA blocks."""
+        h, w = grid
+        ws, sr = self.cfg.wss[stage], self.cfg.sr_ratios[stage]
+        rope = self.ropes[stage]
+        window = (rope(ws * ws, ws),)
+        scale = self.cfg.rope_ref_grid / h if self.cfg.rope_auto_scale else 1.0
+        num_keys = (h // sr) * (w // sr)
+        glob = (rope(h * w, w, scale), rope(num_keys, w, scale, **gsa_key_positions(sr)))
+        return window, glob
+
+    def _stage(self, stage: int, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        x, grid = self.patch_embeds[stage](x)
+        window, glob = self.stage_ropes(stage, grid)
+        for j, blk in enumerate(self.blocks[stage]):
+            ropes = window if j % 2 == 0 else glob
+            if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, grid, ropes, use_reentrant=False)
+            else:
+                x = blk(x, grid, ropes)
+        return x, grid
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> last-stage tokens (B, H/32 * W/32, C_last) after the final norm."""
+        self.check_input(x)
+        for i in range(len(self.blocks)):
+            if i:
+                x = x.transpose(1, 2).reshape(x.shape[0], -1, *grid)
+            x, grid = self._stage(i, x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens (B, N, C) -> logits, or the pooled (B, C) = norm(mean(tokens)) with pre_logits."""
+        x = self.head_drop(self.norm(x.mean(dim=1)))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """timm's feature API over the stages: each taken stage's last block output as (B, C_i, H_i, W_i),
+        un-normed (`norm` applies the final norm to the last stage only, the one it was made for).
+
+        indices: the last n stages if an int, all if None, else the listed stage indices.
+        Returns the list, or (final-norm tokens, list) unless intermediates_only.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"the pyramid's feature maps are NCHW, got output_fmt={output_fmt!r}")
+        self.check_input(x)
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        last = len(self.blocks) - 1
+        stages = max_index + 1 if stop_early else len(self.blocks)
+        intermediates = []
+        for i in range(stages):
+            if i:
+                x = x.transpose(1, 2).reshape(x.shape[0], -1, *grid)
+            x, grid = self._stage(i, x)
+            if i in take:
+                y = self.norm(x) if norm and i == last else x
+                intermediates.append(y.transpose(1, 2).reshape(y.shape[0], -1, *grid))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        self.patch_embeds = self.patch_embeds[:max_index + 1]
+        if prune_norm or max_index < len(self.cfg.depths) - 1:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d):
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+        nn.init.normal_(m.weight, 0.0, (2.0 / fan_out) ** 0.5)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
