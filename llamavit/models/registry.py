@@ -34,6 +34,8 @@ def _build(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     timm_args = {k: kwargs.pop(k) for k in _TIMM_BUILD_ARGS if k in kwargs}
     if family in _FEATURE_CFGS:
         timm_args.setdefault("feature_cfg", dict(_FEATURE_CFGS[family]))
+        if "out_indices" in kwargs:
+            timm_args["feature_cfg"]["out_indices"] = kwargs.pop("out_indices")
     kwargs = {**_ARCH_DEFAULTS[name], **kwargs}
     valid = {f.name for f in dataclasses.fields(cfg_cls)}
     unknown = sorted(set(kwargs) - valid)

@@ -104,6 +104,8 @@ class VisionLLaMA(nn.Module):
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.feature_info = [{"num_chs": cfg.embed_dim, "reduction": cfg.patch_size, "module": f"blocks.{i}"}
+                             for i in range(cfg.depth)]
 
         if self.cls_token is not None:
             trunc_normal_(self.cls_token, std=0.02)
