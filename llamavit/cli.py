@@ -3,6 +3,7 @@
     llamavit models [PATTERN]            list model names
     llamavit info MODEL                  parameters, GFLOPs and config of a model
     llamavit train [--config F] [...]    supervised training (flags override the YAML config)
+    llamavit pretrain aim [...]          AIM pre-training (prefix-causal next-patch regression)
     llamavit eval --checkpoint RUN       top-1/top-5 of a checkpoint on a dataset
     llamavit predict IMG... --checkpoint RUN   top-5 classes of image files
     llamavit demo                        a short Fashion-MNIST run, evaluation and predictions
@@ -68,12 +69,13 @@ def _parse_kv(items: List[str]) -> dict:
     return out
 
 
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
+def _add_train_flags(p: argparse.ArgumentParser, config_cls=None, extra_help: Optional[dict] = None) -> None:
     from .train import TrainConfig
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
+    config_cls = config_cls or TrainConfig
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
-        hint, help_text = hints[f.name], TRAIN_HELP.get(f.name, "")
+        hint, help_text = hints[f.name], {**TRAIN_HELP, **(extra_help or {})}.get(f.name, "")
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text += f" (default: {default})" if default is not None else ""
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
@@ -111,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
         "underscores) and are overridden by flags."))
     p.add_argument("--config", help="YAML file of training options")
     _add_train_flags(p)
+
+    from .train.aim_pretrain import HELP as PRETRAIN_HELP, PretrainConfig
+    p = sub.add_parser("pretrain", help="self-supervised pre-training (AIM)", description=(
+        "AIM pre-training of any llamavit trunk that takes an attention mask: prefix-causal attention, MLP "
+        "pixel decoder, next-patch regression. Options from --config (YAML) overridden by flags."))
+    p.add_argument("objective", choices=["aim"], help="pre-training objective")
+    p.add_argument("--config", help="YAML file of pre-training options")
+    _add_train_flags(p, PretrainConfig, PRETRAIN_HELP)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint", description="Top-1/top-5 accuracy of a checkpoint.")
     p.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or weights file")
@@ -173,6 +183,17 @@ def cmd_train(args) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def cmd_pretrain(args) -> None:
+    from .train.aim_pretrain import PretrainConfig, pretrain
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "config", "objective")}
+    if "model_kwargs" in values:
+        values["model_kwargs"] = _parse_kv(values["model_kwargs"])
+    if args.config:
+        with open(args.config) as f:
+            values = {**(yaml.safe_load(f) or {}), **values}
+    print(json.dumps(pretrain(PretrainConfig.from_dict(values)), indent=2))
+
+
 def _eval_loader(ckpt: str, data: Optional[str], subset: int, batch_size: int):
     from torch.utils.data import DataLoader, Subset
     from .data import TransformConfig, build_dataset, build_transform
@@ -217,7 +238,7 @@ def cmd_demo(args) -> None:
     run_demo(args.output, epochs=args.epochs, train_subset=args.train_subset)
 
 
-COMMANDS = {"models": cmd_models, "info": cmd_info, "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
+COMMANDS = {"models": cmd_models, "info": cmd_info, "train": cmd_train, "pretrain": cmd_pretrain, "eval": cmd_eval, "predict": cmd_predict,
             "demo": cmd_demo}
 
 
