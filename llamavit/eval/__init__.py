@@ -1,4 +1,5 @@
-"""Evaluation: metrics (and, later, the papers' analyses)."""
+"""Evaluation: metrics and the papers' analyses."""
 from .metrics import evaluate
+from .resolution import accuracy_by_resolution
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "accuracy_by_resolution"]

