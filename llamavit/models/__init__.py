@@ -2,6 +2,7 @@
 from .convert import CheckpointError, load_checkpoint, read_state_dict
 from .illama import ILLaMA, ILLaMAConfig
 from .registry import create_model, list_models, model_family
+from .vit_llm import ViTLLM, ViTLLMConfig
 
 __all__ = ["CheckpointError", "load_checkpoint", "read_state_dict", "ILLaMA", "ILLaMAConfig", "create_model",
-           "list_models", "model_family"]
+           "list_models", "model_family", "ViTLLM", "ViTLLMConfig"]
