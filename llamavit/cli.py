@@ -4,6 +4,8 @@
     llamavit info MODEL                  parameters, GFLOPs and config of a model
     llamavit train [--config F] [...]    supervised training (flags override the YAML config)
     llamavit pretrain aim [...]          AIM pre-training (prefix-causal next-patch regression)
+    llamavit probe --checkpoint RUN --head attentive|linear   train a head on the frozen trunk
+    llamavit finetune --checkpoint-path RUN [...]   train everything from a pre-trained trunk
     llamavit eval --checkpoint RUN       top-1/top-5 of a checkpoint on a dataset
     llamavit predict IMG... --checkpoint RUN   top-5 classes of image files
     llamavit demo                        a short Fashion-MNIST run, evaluation and predictions
@@ -122,6 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of pre-training options")
     _add_train_flags(p, PretrainConfig, PRETRAIN_HELP)
 
+    from .train.probe import HELP as PROBE_HELP, ProbeConfig
+    p = sub.add_parser("probe", help="train a head on a frozen trunk", description=(
+        "Probe a frozen trunk: --head attentive (AIM's attentive pooling) or linear (BatchNorm + Linear on the "
+        "mean token). Features are computed once and cached unless --augment."))
+    _add_train_flags(p, ProbeConfig, PROBE_HELP)
+
+    p = sub.add_parser("finetune", help="fine-tune a pre-trained model", description=(
+        "Supervised training of every weight from a pre-trained checkpoint (--checkpoint-path; its model and "
+        "options are used unless --model is given), fresh classifier, bidirectional attention."))
+    p.add_argument("--config", help="YAML file of training options")
+    _add_train_flags(p)
+
     p = sub.add_parser("eval", help="evaluate a checkpoint", description="Top-1/top-5 accuracy of a checkpoint.")
     p.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or weights file")
     p.add_argument("--data", help="dataset (default: the one the checkpoint was trained on)")
@@ -194,6 +208,28 @@ def cmd_pretrain(args) -> None:
     print(json.dumps(pretrain(PretrainConfig.from_dict(values)), indent=2))
 
 
+def cmd_probe(args) -> None:
+    from .train.probe import ProbeConfig, probe
+    values = {k: v for k, v in vars(args).items() if k != "command"}
+    if "model_kwargs" in values:
+        values["model_kwargs"] = _parse_kv(values["model_kwargs"])
+    summary = probe(ProbeConfig.from_dict(values))
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
+
+
+def cmd_finetune(args) -> None:
+    from .train.probe import checkpoint_model, finetune
+    if getattr(args, "checkpoint_path", None) and "model" not in vars(args):
+        name, kwargs = checkpoint_model(args.checkpoint_path, None)
+        args.model = name
+        for key in ("img_size", "in_chans"):
+            if key in kwargs and key not in vars(args):
+                setattr(args, key, kwargs[key])
+        own = {k: v for k, v in kwargs.items() if k not in ("num_classes", "img_size", "in_chans")}
+        args.model_kwargs = [f"{k}={json.dumps(v)}" for k, v in own.items()] + list(getattr(args, "model_kwargs", []))
+    print(json.dumps(finetune(train_config_from_args(args)), indent=2))
+
+
 def _eval_loader(ckpt: str, data: Optional[str], subset: int, batch_size: int):
     from torch.utils.data import DataLoader, Subset
     from .data import TransformConfig, build_dataset, build_transform
@@ -238,7 +274,8 @@ def cmd_demo(args) -> None:
     run_demo(args.output, epochs=args.epochs, train_subset=args.train_subset)
 
 
-COMMANDS = {"models": cmd_models, "info": cmd_info, "train": cmd_train, "pretrain": cmd_pretrain, "eval": cmd_eval, "predict": cmd_predict,
+COMMANDS = {"models": cmd_models, "info": cmd_info, "train": cmd_train, "pretrain": cmd_pretrain, "probe": cmd_probe,
+            "finetune": cmd_finetune, "eval": cmd_eval, "predict": cmd_predict,
             "demo": cmd_demo}
 
 
