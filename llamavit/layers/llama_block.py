@@ -6,6 +6,8 @@ matter), softmax in float32, grouped-query attention when the LLM has fewer KV h
 Keys: attention.{wq,wk,wv,wo}.weight, feed_forward.{w1,w2,w3}.weight, attention_norm.weight,
 ffn_norm.weight — the names Meta's checkpoints and `llamavit.llm` readers use.
 """
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -33,7 +35,8 @@ class LLaMAAttention(nn.Module):
         v = self.wv(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
         # the official block takes the softmax in float32: under bf16/fp16 (autocast included) the
         # attention product runs in float32
-        with torch.autocast(x.device.type, enabled=False):
+        autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+        with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
                                                  enable_gqa=self.n_kv_heads != self.n_heads).to(q.dtype)
         return self.wo(out.transpose(1, 2).reshape(b, n, -1))

@@ -41,7 +41,8 @@ class HFReader(LLMReader):
         except (OSError, json.JSONDecodeError) as e:
             raise LLMError(f"{path}: cannot read config.json ({e})") from e
         arch = cfg.get("model_type")
-        if arch != "llama" and not set(cfg.get("architectures") or ()) & set(_LLAMA_CLASSES):
+        llama_class = set(cfg.get("architectures") or ()) & set(_LLAMA_CLASSES)
+        if arch != "llama" and (arch is not None or not llama_class):
             raise LLMError(f"{path}: model_type {arch!r} (architectures {cfg.get('architectures')}) is not a LLaMA "
                            f"architecture; expected model_type 'llama'")
         if cfg.get("attention_bias") or cfg.get("mlp_bias"):

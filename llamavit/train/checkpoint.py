@@ -52,6 +52,8 @@ def save_checkpoint(run_dir: str, step: int, model: nn.Module, meta: Dict[str, A
     final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    if getattr(model, "llm_source", None):   # ViT + frozen LLM: where the (unsaved) frozen block comes from
+        meta = {**meta, "llm": model.llm_source}
     metadata = {"format": "llamavit", **{k: json.dumps(v) for k, v in meta.items()}}
     save_file(_tensors(model), os.path.join(tmp, WEIGHTS_NAME), metadata=metadata)
     if ema is not None:
