@@ -28,8 +28,10 @@ test: venv fashion-mnist
 test-slow: venv fashion-mnist
 	$(PY) -m pytest -q -m slow
 
+PARITY_FAMILIES := illama visionllama visionllama_pyramid aim vit_llm
+
 parity: venv
-	$(PY) ../shared/tools/parity.py illama
+	@fail=0; for f in $(PARITY_FAMILIES); do $(PY) ../shared/tools/parity.py $$f | tail -1 || fail=1; done; exit $$fail
 
 bench: venv fashion-mnist
 	$(PY) bench/throughput.py
