@@ -31,7 +31,9 @@ test-slow: venv fashion-mnist
 PARITY_FAMILIES := illama visionllama visionllama_pyramid aim vit_llm
 
 parity: venv
-	@fail=0; for f in $(PARITY_FAMILIES); do $(PY) ../shared/tools/parity.py $$f | tail -1 || fail=1; done; exit $$fail
+	@fail=0; for f in $(PARITY_FAMILIES); do \
+	  out=$$($(PY) ../shared/tools/parity.py $$f) || { fail=1; echo "$$out" | grep -v '^ok '; }; echo "$$out" | tail -1; \
+	done; exit $$fail
 
 bench: venv fashion-mnist
 	$(PY) bench/throughput.py

@@ -19,6 +19,7 @@ FAMILIES: Dict[str, tuple] = {}
 _FEATURE_CFGS: Dict[str, dict] = {}  # family -> timm feature_cfg for features_only=True
 MODEL_FAMILY: Dict[str, str] = {}
 _ARCH_DEFAULTS: Dict[str, dict] = {}
+TIMM_PREFIX = "timm:"  # create_model("timm:<name>") builds a timm model (for baselines)
 _TIMM_BUILD_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "feature_cfg", "features_only")
 
 
@@ -117,6 +118,7 @@ _register("visionllama_pyramid_large_as_224", "visionllama_pyramid", 224,
           pretrained_cfg=_PYRAMID_CFG, embed_dims=(128, 256, 512, 1024), depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
           rope_auto_scale=True)
 
+
 register_family("vit_llm", vit_llm.ViTLLM, vit_llm.ViTLLMConfig, vit_llm.checkpoint_filter_fn)
 _VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12)}
 for _size, _patch in (("tiny", 16), ("small", 16), ("base", 16), ("tiny", 32), ("base", 32)):
@@ -158,7 +160,15 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Union[str
     checkpoint_path: our safetensors / training checkpoint, or an official release file of the
     family ({'model': state_dict} or plain, official key names); the format is detected. A list of
     files (e.g. AIM's separate backbone and head files) is merged; keys may not overlap.
+    A name `timm:<timm model>` builds that timm model instead (baselines trained and evaluated with
+    llamavit's own loop, e.g. 'timm:vit_small_patch16_224').
     """
+    if name.startswith(TIMM_PREFIX):
+        model = timm.create_model(name[len(TIMM_PREFIX):], pretrained=False, **kwargs)
+        if checkpoint_path is not None:
+            from .convert import load_checkpoint
+            load_checkpoint(model, checkpoint_path)
+        return model
     check_model_name(name)
     if pretrained and checkpoint_path is None:
         raise ValueError(f"{name}: llamavit downloads no weights; pass checkpoint_path=<official or llamavit "
