@@ -8,6 +8,7 @@
     llamavit finetune --checkpoint-path RUN [...]   train everything from a pre-trained trunk
     llamavit eval --checkpoint RUN       top-1/top-5 of a checkpoint on a dataset
     llamavit predict IMG... --checkpoint RUN   top-5 classes of image files
+    llamavit analyze activations --checkpoint RUN   per-token activation/frequency heat maps per block
     llamavit demo                        a short Fashion-MNIST run, evaluation and predictions
 """
 import argparse
@@ -149,6 +150,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--ema", action="store_true", help="use the EMA weights if the checkpoint has them")
 
+    p = sub.add_parser("analyze", help="analyses of a trained model (activations, ...)",
+                       description="Analyses the papers report, run on a llamavit checkpoint.")
+    analyses = p.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
+    a = analyses.add_parser("activations", help="per-token activation magnitude and frequency after each block",
+                            description="Information filtering (frozen-LLM paper, section 4): heat maps over the "
+                                        "image of each patch token's centred-feature L2 norm and high-frequency "
+                                        "content after every block; PNG per image + activations.json.")
+    a.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or weights file")
+    a.add_argument("--data", help="dataset (default: the one the checkpoint was trained on)")
+    a.add_argument("--num-images", type=int, default=8, help="first N validation images (default: 8)")
+    a.add_argument("--high-pass", type=float, default=0.25,
+                   help="frequency cut-off in cycles per token, 0.5 = Nyquist (default: 0.25)")
+    a.add_argument("--output", default="runs/activations", help="output directory (default: runs/activations)")
+    a.add_argument("--ema", action="store_true", help="use the EMA weights if the checkpoint has them")
+
     p = sub.add_parser("demo", help="short Fashion-MNIST run: train, evaluate, predict",
                        description="Train the demo iLLaMA briefly on Fashion-MNIST, evaluate it and classify "
                                    "a few test images.")
@@ -269,13 +285,31 @@ def cmd_predict(args) -> None:
         print(f"{path}: " + ", ".join(f"{name} {prob:.1%}" for name, prob in top))
 
 
+def cmd_analyze(args) -> None:
+    from .train import model_from_checkpoint, read_meta
+    if args.analysis == "activations":
+        import torch
+        from .eval.activations import ActivationConfig, analyze_activations, save_activation_report
+        model = model_from_checkpoint(args.checkpoint, use_ema=args.ema)
+        loader, data, _ = _eval_loader(args.checkpoint, args.data, args.num_images, args.num_images)
+        images, targets = next(iter(loader))
+        classes = read_meta(args.checkpoint).get("classes")
+        labels = [classes[t] if classes else str(int(t)) for t in targets.tolist()]
+        cfg = ActivationConfig(high_pass=args.high_pass)
+        with torch.no_grad():
+            result = analyze_activations(model, images, cfg)
+        paths = save_activation_report(result, images, args.output, labels, cfg)
+        print(f"{data}: {len(labels)} images, {len(result['blocks'])} blocks -> {args.output} "
+              f"({len(paths) - 1} PNG + activations.json)")
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
     run_demo(args.output, epochs=args.epochs, train_subset=args.train_subset)
 
 
 COMMANDS = {"models": cmd_models, "info": cmd_info, "train": cmd_train, "pretrain": cmd_pretrain, "probe": cmd_probe,
-            "finetune": cmd_finetune, "eval": cmd_eval, "predict": cmd_predict,
+            "finetune": cmd_finetune, "eval": cmd_eval, "predict": cmd_predict, "analyze": cmd_analyze,
             "demo": cmd_demo}
 
 

@@ -284,3 +284,56 @@ def test_bad_llm_inputs_through_create_model(tiny_llm, tmp_path):
     (broken / "params.json").write_text('{"dim": 32}')
     with pytest.raises(LLMError, match="not a LLaMA-architecture Meta checkpoint"):
         small(str(broken))
+
+
+# --- information-filtering analysis -------------------------------------------------------------------
+def test_activation_measures_on_known_maps():
+    from llamavit.eval.activations import frequency_map, magnitude_map
+    grid = torch.zeros(1, 4, 4, 3)
+    grid[0, 1, 2] = torch.tensor([3.0, 0.0, 4.0])   # one token stands out
+    mag = magnitude_map(grid)[0]
+    assert mag.argmax().item() == 1 * 4 + 2 and mag[1, 2] > 4 * mag[0, 0]
+    yy, xx = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    smooth = torch.cos(2 * torch.pi * xx / 8)[None, :, :, None].repeat(1, 1, 1, 2)     # 1/8 cycle per token
+    checker = ((-1.0) ** (xx + yy))[None, :, :, None].repeat(1, 1, 1, 2)               # Nyquist
+    f_smooth, share_smooth = frequency_map(smooth, high_pass=0.25)
+    f_check, share_check = frequency_map(checker, high_pass=0.25)
+    assert share_smooth.item() < 1e-10 and f_smooth.abs().max() < 1e-5
+    assert abs(share_check.item() - 1) < 1e-6 and torch.allclose(f_check, magnitude_map(checker), atol=1e-5)
+
+
+def test_analyze_activations_report(tmp_path):
+    import json
+    from llamavit.eval.activations import analyze_activations, save_activation_report
+    model = llamavit.create_model(NAME, llm_path="random", llm_dim=32, llm_num_heads=4, llm_ffn_hidden=64, **SMALL)
+    x = torch.randn(2, 3, 32, 32)
+    result = analyze_activations(model, x)
+    assert result["blocks"] == ["block0", "block1", "llm_layer0", "llm_out"]
+    for maps in result["maps"].values():
+        assert maps["magnitude"].shape == maps["frequency"].shape == (2, 4, 4)
+        assert (maps["magnitude"] >= 0).all() and (0 <= maps["high_freq_energy"]).all()
+    paths = save_activation_report(result, x, str(tmp_path), labels=["a", "b"])
+    assert [os.path.basename(p) for p in paths] == ["image000_activations.png", "image001_activations.png",
+                                                    "activations.json"]
+    with open(paths[0], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    summary = json.load(open(paths[-1]))
+    assert set(summary["per_block"]) == set(result["blocks"])
+    assert summary["maps"]["llm_out"]["magnitude"][1][3][2] == pytest.approx(
+        result["maps"]["llm_out"]["magnitude"][1, 3, 2].item(), abs=1e-4)
+
+
+def test_cli_analyze_activations(tmp_path, capsys):
+    from llamavit.cli import main
+    from llamavit.train import TrainConfig, train
+    kwargs = dict(SMALL, llm_path="random", llm_dim=32, llm_num_heads=4, llm_ffn_hidden=64)
+    kwargs.pop("img_size"), kwargs.pop("num_classes")
+    train(TrainConfig(model=NAME, model_kwargs=kwargs, img_size=32, in_chans=3, data="synthetic", epochs=1,
+                      batch_size=16, train_subset=32, val_subset=16, progress=False, output=str(tmp_path / "run"),
+                      crop_pct=1.0))
+    out = tmp_path / "maps"
+    assert main(["analyze", "activations", "--checkpoint", str(tmp_path / "run"), "--num-images", "3",
+                 "--output", str(out)]) == 0
+    assert "3 images, 4 blocks" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["activations.json", "image000_activations.png", "image001_activations.png",
+                                       "image002_activations.png"]
