@@ -1,0 +1,157 @@
+"""AIM on Fashion-MNIST, 2 CPU threads: pre-train a small AIM on the training images (no labels), then
+attentive-probe every saved checkpoint and a randomly initialised trunk of the same shape.
+
+Measures: probe test top-1 per checkpoint, the pre-training loss at each checkpoint and their
+correlation (the paper's claim that the objective tracks downstream quality), the gap to the random
+trunk, and the pre-training step time against a supervised step of the same trunk. The pre-training
+length is sized to `--pretrain-min` from a short calibration. Writes bench/results/fmnist_aim.json
+and fmnist_aim.png.
+
+    python bench/fmnist_aim.py                    # ~45 min: 30 min pre-training + probes
+    python bench/fmnist_aim.py --smoke            # a one-minute check of the whole pipeline
+"""
+import argparse
+import json
+import os
+import shutil
+import time
+
+import torch
+import torch.nn.functional as F
+
+from llamavit.train.aim_pretrain import AIMPretrainer, PretrainConfig
+from llamavit.train.probe import Prober, ProbeConfig
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TRUNK = dict(patch_size=4, embed_dim=96, depth=6, num_heads=3, probe_layers=3)
+
+
+def pretrain_config(args, epochs: int, output: str) -> PretrainConfig:
+    return PretrainConfig(model="aim_600m_patch14_224", model_kwargs=TRUNK, img_size=28, in_chans=1,
+                          decoder_dim=192, decoder_depth=2, epochs=epochs, batch_size=128, lr=2e-3,
+                          train_subset=args.train_subset, output=output, progress=not args.smoke, log_every=20,
+                          keep_checkpoints=1000)
+
+
+def step_times(trainer: AIMPretrainer, steps: int) -> dict:
+    """Median seconds of a pre-training step and of a supervised step (CE on the probe head) of the same trunk."""
+    images = next(iter(torch.utils.data.DataLoader(trainer.train_set, batch_size=trainer.cfg.batch_size)))[0]
+    model = trainer.model
+    model.reset_classifier(10)
+    labels = torch.randint(0, 10, (images.shape[0],))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)
+
+    def supervised():
+        loss = F.cross_entropy(model(images), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    out = {}
+    for name, fn in (("pretrain", lambda: trainer.train_step(images)), ("supervised", supervised)):
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        out[name] = sorted(times[1:])[len(times[1:]) // 2]
+    model.reset_classifier(0)
+    return out
+
+
+def probe(args, checkpoint=None, output="") -> dict:
+    cfg = ProbeConfig(checkpoint=checkpoint, model=None if checkpoint else "aim_600m_patch14_224",
+                      model_kwargs={} if checkpoint else TRUNK, img_size=0 if checkpoint else 28,
+                      in_chans=0 if checkpoint else 1, head="attentive", epochs=args.probe_epochs, batch_size=256,
+                      lr=1e-3, train_subset=args.train_subset, val_subset=args.val_subset, output=output,
+                      progress=not args.smoke)
+    return Prober(cfg).fit()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pretrain-min", type=float, default=30.0, help="pre-training budget in minutes")
+    ap.add_argument("--checkpoints", type=int, default=5, help="checkpoints saved (and probed) along the way")
+    ap.add_argument("--probe-epochs", type=int, default=5)
+    ap.add_argument("--train-subset", type=int, default=0)
+    ap.add_argument("--val-subset", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--output", default="runs/fmnist_aim")
+    ap.add_argument("--results", default=os.path.join(HERE, "results"))
+    ap.add_argument("--smoke", action="store_true", help="tiny subsets, a few steps: checks the pipeline only")
+    args = ap.parse_args()
+    if args.smoke:
+        args.pretrain_min, args.checkpoints, args.probe_epochs = 0.3, 2, 1
+        args.train_subset, args.val_subset = args.train_subset or 1024, args.val_subset or 512
+        args.results = os.path.join(args.output, "results")
+    t0 = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    shutil.rmtree(args.output, ignore_errors=True)
+
+    # calibrate the step time, then size the run to the budget
+    calib = AIMPretrainer(pretrain_config(args, 1, os.path.join(args.output, "calibration")))
+    times = step_times(calib, steps=6)
+    per_epoch = (args.train_subset or 60000) // 128
+    steps = max(args.checkpoints, int(args.pretrain_min * 60 / (1.08 * times["pretrain"])))
+    epochs = max(1, round(steps / per_epoch))
+    trainer = AIMPretrainer(pretrain_config(args, epochs, os.path.join(args.output, "pretrain")))
+    trainer.cfg.ckpt_every = max(1, trainer.total_steps // args.checkpoints)
+    trainer.cfg.log_every = min(20, trainer.cfg.ckpt_every)
+    print(f"calibration: {times['pretrain'] * 1000:.0f} ms/pre-training step, {times['supervised'] * 1000:.0f} "
+          f"ms/supervised step -> {epochs} epochs ({trainer.total_steps} steps)")
+    t_pre = time.perf_counter()
+    summary = trainer.fit()
+    pretrain_s = time.perf_counter() - t_pre
+
+    # probe every checkpoint and the random trunk
+    ckpt_root = os.path.join(trainer.cfg.output, "checkpoints")
+    history = [json.loads(line) for line in open(os.path.join(trainer.cfg.output, "log.jsonl"))]
+    points = []
+    for name in sorted(d for d in os.listdir(ckpt_root) if d.startswith("step-")):
+        step = int(name.split("-")[1])
+        # the loss over the last ~epoch of steps before the checkpoint
+        span = min(trainer.steps_per_epoch, trainer.cfg.ckpt_every)
+        window = [r["loss"] for r in history if "loss" in r and step - span < r["step"] <= step]
+        result = probe(args, os.path.join(ckpt_root, name), os.path.join(args.output, "probe", name))
+        points.append({"step": step, "pretrain_loss": sum(window) / max(1, len(window)),
+                       "probe_top1": result["val_top1"]})
+        print(f"{name}: pre-training loss {points[-1]['pretrain_loss']:.4f}, probe top-1 {result['val_top1']:.2f}")
+    random_top1 = probe(args, None, os.path.join(args.output, "probe", "random"))["val_top1"]
+    losses, accs = torch.tensor([p["pretrain_loss"] for p in points]), torch.tensor([p["probe_top1"] for p in points])
+    corr = torch.corrcoef(torch.stack((losses, accs)))[0, 1].item() if len(points) > 2 else None
+
+    os.makedirs(args.results, exist_ok=True)
+    result = {"benchmark": "fmnist_aim", "smoke": args.smoke, "threads": args.threads, "torch": torch.__version__,
+              "trunk": TRUNK, "pretrain_config": trainer.cfg.to_dict(), "pretrain_wall_s": pretrain_s,
+              "pretrain_final_loss": summary["final_loss"], "checkpoints": points,
+              "final_probe_top1": points[-1]["probe_top1"], "random_trunk_probe_top1": random_top1,
+              "gain_over_random": points[-1]["probe_top1"] - random_top1, "loss_vs_probe_pearson": corr,
+              "ms_per_pretrain_step": times["pretrain"] * 1000, "ms_per_supervised_step": times["supervised"] * 1000,
+              "pretrain_over_supervised_step_time": times["pretrain"] / times["supervised"],
+              "wall_clock_s": time.perf_counter() - t0}
+    with open(os.path.join(args.results, "fmnist_aim.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    plot(points, random_top1, os.path.join(args.results, "fmnist_aim.png"))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("pretrain_config", "checkpoints")}, indent=2))
+
+
+def plot(points, random_top1: float, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot([p["pretrain_loss"] for p in points], [p["probe_top1"] for p in points], "o-")
+    for p in points:
+        ax.annotate(str(p["step"]), (p["pretrain_loss"], p["probe_top1"]), fontsize=7)
+    ax.axhline(random_top1, color="grey", ls="--", label=f"random trunk {random_top1:.1f}%")
+    ax.set_xlabel("pre-training loss (normalised-pixel MSE)")
+    ax.set_ylabel("attentive probe test top-1 (%)")
+    ax.invert_xaxis()
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
