@@ -11,7 +11,7 @@ is replaced atomically, so a run killed at any moment leaves the previous checkp
 import json
 import os
 import shutil
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -35,12 +35,14 @@ def atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _tensors(module: nn.Module) -> Dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+def _tensors(module: Union[nn.Module, Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    state = module.state_dict() if isinstance(module, nn.Module) else module
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
 def save_checkpoint(run_dir: str, step: int, model: nn.Module, meta: Dict[str, Any], state: Dict[str, Any],
-                    ema: Optional[nn.Module] = None, keep: int = 2) -> str:
+                    ema: Optional[nn.Module] = None, keep: int = 2,
+                    model_state: Optional[Dict[str, torch.Tensor]] = None) -> str:
     """Write checkpoint `step-<step>` under run_dir/checkpoints and point `latest` at it.
 
     meta: JSON-able facts needed to rebuild the model (model, model_kwargs, classes, transform).
@@ -55,7 +57,8 @@ def save_checkpoint(run_dir: str, step: int, model: nn.Module, meta: Dict[str, A
     if getattr(model, "llm_source", None):   # ViT + frozen LLM: where the (unsaved) frozen block comes from
         meta = {**meta, "llm": model.llm_source}
     metadata = {"format": "llamavit", **{k: json.dumps(v) for k, v in meta.items()}}
-    save_file(_tensors(model), os.path.join(tmp, WEIGHTS_NAME), metadata=metadata)
+    save_file(_tensors(model if model_state is None else model_state), os.path.join(tmp, WEIGHTS_NAME),
+              metadata=metadata)
     if ema is not None:
         save_file(_tensors(ema), os.path.join(tmp, EMA_NAME), metadata=metadata)
     torch.save(state, os.path.join(tmp, STATE_NAME))

@@ -42,6 +42,13 @@ class TrainConfig:
     cutmix: float = 0.0
     ema_decay: float = 0.0                 # 0 = no EMA
     amp: bool = False                      # bf16 autocast
+    # scale: torchrun sets the world size; batch_size stays the GLOBAL batch (split over ranks and
+    # accumulation steps), so the loss curve does not depend on how many processes run it
+    grad_accum_steps: int = 1
+    grad_checkpointing: bool = False       # activation checkpointing in the model's blocks
+    compile: bool = False                  # torch.compile the model for training
+    fsdp: bool = False                     # FSDP2 (fully_shard) instead of DDP under torchrun
+    device: str = "auto"                   # 'auto' (this rank's GPU if any, else CPU) | 'cpu' | 'cuda'
     # iLLaMA soft mask: 'none' keeps the model's rate; 'constant' holds r=1 for soft_mask_epochs then 0;
     # 'linear' decays r from 1 to 0 over soft_mask_epochs (updated every step), then 0
     soft_mask: str = "none"
@@ -60,7 +67,7 @@ class TrainConfig:
     def __post_init__(self):
         if self.soft_mask not in ("none", "constant", "linear"):
             raise ValueError(f"soft_mask must be 'none', 'constant' or 'linear', got {self.soft_mask!r}")
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "grad_accum_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("scale", "betas", "mean", "std"):

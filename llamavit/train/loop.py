@@ -4,7 +4,13 @@ Exact resume: the data order of epoch e is a permutation seeded by (seed, e); th
 sample i in epoch e is seeded by (seed, e, i); dropout/drop-path/mixup at step s are seeded by
 (seed, s). A resumed run therefore sees the same batches, the same augmentations and the same
 random masks as an uninterrupted one, and logs the same losses.
+
+Under torchrun every rank walks the same global batches and trains on its slice of each (DDP, or
+FSDP2 with `fsdp`); `batch_size` is the global batch, so the loss curve does not depend on the number
+of processes or of gradient-accumulation steps. Rank 0 alone writes logs and checkpoints; checkpoints
+hold full (gathered) tensors, so a run resumes on any world size.
 """
+import contextlib
 import json
 import math
 import os
@@ -26,9 +32,11 @@ from tqdm import tqdm
 
 from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, TransformConfig, build_dataset, build_transform
 from ..eval.metrics import evaluate
-from ..models import create_model, load_checkpoint
-from .checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from ..models import create_model, load_checkpoint, read_state_dict
+from .checkpoint import WEIGHTS_NAME, latest_checkpoint, load_training_state, save_checkpoint
 from .config import TrainConfig
+from .distributed import (DistEnv, all_reduce_sum, barrier, full_state_dicts, init_distributed, load_full_state_dicts,
+                          wrap_model)
 from .plots import plot_curves
 from .schedules import soft_mask_rate
 
@@ -68,12 +76,18 @@ class SeededAugmentation(Dataset):
 
 
 class EpochBatchSampler(Sampler):
-    """Batches of a (seed, epoch)-seeded permutation, full batches only, starting at `start_batch`."""
+    """Batches of a (seed, epoch)-seeded permutation, full batches only, starting at `start_batch`.
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int):
+    With world_size > 1, rank r gets the r-th of world_size equal slices of every global batch.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         if num_samples < batch_size:
             raise ValueError(f"the training set has {num_samples} images, fewer than one batch of {batch_size}")
+        if batch_size % world_size:
+            raise ValueError(f"the global batch size {batch_size} must be divisible by the {world_size} processes")
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.start_batch = 0, 0
 
     def __len__(self) -> int:
@@ -82,8 +96,10 @@ class EpochBatchSampler(Sampler):
     def __iter__(self) -> Iterator[List[int]]:
         g = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, 7919))
         order = torch.randperm(self.num_samples, generator=g).tolist()
+        local = self.batch_size // self.world_size
         for b in range(self.start_batch, self.num_samples // self.batch_size):
-            yield order[b * self.batch_size:(b + 1) * self.batch_size]
+            start = b * self.batch_size + self.rank * local
+            yield order[start:start + local]
 
 
 def transform_config(cfg: TrainConfig) -> TransformConfig:
@@ -114,10 +130,17 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        self.env: DistEnv = init_distributed(cfg.device)
+        env = self.env
+        if cfg.batch_size % (env.world_size * cfg.grad_accum_steps):
+            raise ValueError(f"batch_size {cfg.batch_size} (global) must be divisible by processes x "
+                             f"grad_accum_steps = {env.world_size} x {cfg.grad_accum_steps}")
+        if cfg.fsdp and cfg.ema_decay > 0:
+            raise ValueError("EMA of an FSDP-sharded model is not supported: use ema_decay=0 with --fsdp")
         seed_everything(cfg.seed)
         train_set, self.val_set, self.classes = build_datasets(cfg)
         self.train_set = SeededAugmentation(train_set, cfg.seed)
-        self.sampler = EpochBatchSampler(len(train_set), cfg.batch_size, cfg.seed)
+        self.sampler = EpochBatchSampler(len(train_set), cfg.batch_size, cfg.seed, env.rank, env.world_size)
         self.steps_per_epoch = len(train_set) // cfg.batch_size
         self.total_steps = cfg.epochs * self.steps_per_epoch
 
@@ -128,6 +151,13 @@ class Trainer:
         self.model = create_model(cfg.model, **self.model_kwargs)
         if cfg.checkpoint_path:
             load_checkpoint(self.model, cfg.checkpoint_path)
+        if cfg.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        self.model.to(env.device)
+        # what the training step calls: DDP / FSDP2 (which shards self.model in place) / compiled
+        self.train_model = wrap_model(self.model, env, cfg.fsdp)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
         self.optimizer = create_optimizer_v2(self.model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay,
                                              betas=tuple(cfg.betas))
         self.scheduler = CosineLRScheduler(
@@ -153,24 +183,34 @@ class Trainer:
                 "transform": asdict(transform_config(self.cfg))}
 
     def save(self) -> str:
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "config": self.cfg.to_dict()}
-        ema = self.ema.module if self.ema is not None else None
-        return save_checkpoint(self.cfg.output, self.step, self.model, self.meta(), state, ema=ema,
-                               keep=self.cfg.keep_checkpoints)
+        """Checkpoint (collective under FSDP: every rank gathers, rank 0 writes)."""
+        model_sd, optim_sd = full_state_dicts(self.model, self.optimizer)
+        path = ""
+        if self.env.is_main:
+            state = {"step": self.step, "optimizer": optim_sd, "config": self.cfg.to_dict()}
+            ema = self.ema.module if self.ema is not None else None
+            path = save_checkpoint(self.cfg.output, self.step, self.model, self.meta(), state, ema=ema,
+                                   keep=self.cfg.keep_checkpoints, model_state=model_sd)
+        barrier(self.env)
+        return path
 
     def try_resume(self) -> bool:
         ckpt = latest_checkpoint(self.cfg.output)
         if ckpt is None:
             return False
         state = load_training_state(ckpt)
-        load_checkpoint(self.model, ckpt)
+        if self.cfg.fsdp:   # sharded parameters take the full tensors through torch.distributed.checkpoint
+            load_full_state_dicts(self.model, self.optimizer, read_state_dict(os.path.join(ckpt, WEIGHTS_NAME)),
+                                  state["optimizer"])
+        else:               # the usual checks: a checkpoint of another model is refused by name
+            load_checkpoint(self.model, ckpt)
+            load_full_state_dicts(self.model, self.optimizer, None, state["optimizer"])
         if self.ema is not None:
             ema_path = os.path.join(ckpt, "ema.safetensors")
             load_checkpoint(self.ema.module, ema_path if os.path.isfile(ema_path) else ckpt)
-        self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         # keep only the log lines up to the checkpoint, so the resumed log continues without duplicates
-        if os.path.isfile(self.log_path):
+        if self.env.is_main and os.path.isfile(self.log_path):
             with open(self.log_path) as f:
                 kept = [json.loads(line) for line in f if line.strip()]
             self.history = [r for r in kept if r.get("step", 0) <= self.step]
@@ -185,20 +225,31 @@ class Trainer:
             self.model.set_soft_mask_rate(soft_mask_rate(self.step, self.steps_per_epoch, cfg.soft_mask,
                                                          cfg.soft_mask_epochs))
         self.scheduler.step_update(self.step)
-        step_seed = _mix_seed(cfg.seed, self.step, 104729)
+        step_seed = _mix_seed(cfg.seed, self.step, 104729 + self.env.rank)
         seed_everything(step_seed)
         torch.manual_seed(step_seed)
+        device = self.env.device
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
-        with torch.autocast("cpu" if images.device.type == "cpu" else images.device.type, dtype=torch.bfloat16,
-                            enabled=cfg.amp):
-            loss = self.criterion(self.model(images), targets)
-        value = loss.item()
+        self.optimizer.zero_grad(set_to_none=True)
+        accum = cfg.grad_accum_steps
+        local_loss = 0.0
+        for i, (x, y) in enumerate(zip(images.chunk(accum), targets.chunk(accum))):
+            last = i == accum - 1
+            # DDP: all-reduce gradients only once, on the last micro-batch
+            sync = contextlib.nullcontext() if last or not hasattr(self.train_model, "no_sync") \
+                else self.train_model.no_sync()
+            with sync:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+                    loss = self.criterion(self.train_model(x), y) / accum
+                loss.backward()
+            local_loss += loss.item()
+        # the global-batch mean, the same on every rank (so a NaN stops every rank at once)
+        value = all_reduce_sum(torch.tensor([local_loss], dtype=torch.float64), self.env).item() / self.env.world_size
         if not math.isfinite(value):
             raise NonFiniteLossError(f"loss is {value} at step {self.step}; training stopped, nothing was saved "
                                      f"after the last good checkpoint in {os.path.join(cfg.output, 'checkpoints')}")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         if cfg.clip_grad:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
         self.optimizer.step()
@@ -209,27 +260,38 @@ class Trainer:
 
     def log(self, record: Dict[str, Any]) -> None:
         self.history.append(record)
+        if not self.env.is_main:
+            return
         with open(self.log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def evaluate(self) -> Dict[str, float]:
-        loader = DataLoader(self.val_set, batch_size=max(self.cfg.batch_size, 256), num_workers=self.cfg.num_workers)
-        result = {f"val_{k}": v for k, v in evaluate(self.model, loader).items()}
-        if self.ema is not None:
-            result.update({f"val_ema_{k}": v for k, v in evaluate(self.ema.module, loader).items()})
+        """Validation metrics over the whole set; each rank evaluates every world_size-th image."""
+        env = self.env
+        shard = Subset(self.val_set, range(env.rank, len(self.val_set), env.world_size))
+        loader = DataLoader(shard, batch_size=max(self.cfg.batch_size, 256), num_workers=self.cfg.num_workers)
+        models = {"val": self.model, **({"val_ema": self.ema.module} if self.ema is not None else {})}
+        result = {}
+        for prefix, model in models.items():
+            metrics = evaluate(model, loader, device=str(env.device)) if len(shard) else {}
+            names = sorted(metrics) or ["loss", "top1", "top5"]
+            sums = torch.tensor([len(shard)] + [metrics.get(k, 0.0) * len(shard) for k in names], dtype=torch.float64)
+            sums = all_reduce_sum(sums, env)
+            result.update({f"{prefix}_{k}": (sums[i + 1] / sums[0]).item() for i, k in enumerate(names)})
         return result
 
     # --- the loop ------------------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
-        cfg = self.cfg
+        cfg, main = self.cfg, self.env.is_main
         os.makedirs(cfg.output, exist_ok=True)
         resumed = cfg.resume and self.try_resume()
-        if not resumed and os.path.isfile(self.log_path):
-            os.remove(self.log_path)
-        with open(os.path.join(cfg.output, "config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
+        if main:
+            if not resumed and os.path.isfile(self.log_path):
+                os.remove(self.log_path)
+            with open(os.path.join(cfg.output, "config.json"), "w") as f:
+                json.dump({**cfg.to_dict(), "world_size": self.env.world_size}, f, indent=2)
         stop_at = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
-        bar = tqdm(total=stop_at, initial=self.step, disable=not cfg.progress, desc="train", unit="step",
+        bar = tqdm(total=stop_at, initial=self.step, disable=not (cfg.progress and main), desc="train", unit="step",
                    dynamic_ncols=True)
         last_eval: Dict[str, float] = {}
         window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
@@ -259,8 +321,9 @@ class Trainer:
                                   self.step == self.total_steps):
                     last_eval = self.evaluate()
                     self.log({"step": self.step, "epoch": self.step / self.steps_per_epoch, **last_eval})
-                    bar.write(f"epoch {self.step // self.steps_per_epoch}: " +
-                              ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+                    if main:
+                        bar.write(f"epoch {self.step // self.steps_per_epoch}: " +
+                                  ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
                     self.model.train()
                 if epoch_end or (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == stop_at:
                     self.save()
@@ -269,12 +332,13 @@ class Trainer:
         bar.close()
         if self.step == self.total_steps and not last_eval:
             last_eval = self.evaluate()
-        plot_curves(self.history, os.path.join(cfg.output, "curves.png"))
         summary = {"steps": self.step, "epochs": self.step / self.steps_per_epoch, "resumed": resumed,
                    "final_train_loss": next((r["loss"] for r in reversed(self.history) if "loss" in r), None),
                    **last_eval}
-        with open(os.path.join(cfg.output, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        if main:
+            plot_curves(self.history, os.path.join(cfg.output, "curves.png"))
+            with open(os.path.join(cfg.output, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
         return summary
 
 

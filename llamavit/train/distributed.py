@@ -1,0 +1,122 @@
+"""torch.distributed set-up for training under torchrun: DDP by default, FSDP2 on request.
+
+`torchrun --nproc_per_node N -m llamavit.cli train ...` sets RANK / WORLD_SIZE / LOCAL_RANK; without
+them training runs in one process and nothing here initialises a process group. The backend is NCCL
+on GPUs and gloo on CPUs. Every rank sees the same global batch order; rank r trains on its slice of
+each global batch, so N processes with per-rank batch B/N follow the same loss curve as one process
+with batch B.
+"""
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
+    """'auto' -> this rank's GPU when CUDA is available, else the CPU; 'cpu' / 'cuda' force it."""
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {requested!r}")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but CUDA is not available on this machine")
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device: str = "auto") -> DistEnv:
+    """Join the torchrun process group if WORLD_SIZE > 1 (idempotent); return this process's place in it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Sum a float64 tensor over ranks (a copy; unchanged in one process)."""
+    if not env.distributed:
+        return values
+    out = values.to(env.device if env.device.type == "cuda" else "cpu", torch.float64).clone()
+    dist.all_reduce(out)
+    return out.cpu()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def wrap_model(model: nn.Module, env: DistEnv, fsdp: bool = False) -> nn.Module:
+    """The module the training step calls: DDP around `model`, or `model` itself sharded in place by FSDP2
+    (`fully_shard` on every transformer block, then the root), or `model` unchanged in one process."""
+    if not env.distributed:
+        if fsdp:
+            raise ValueError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N")
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for block in _transformer_blocks(model):
+            fully_shard(block)
+        return fully_shard(model)
+    device_ids = [env.device.index] if env.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def _transformer_blocks(model: nn.Module):
+    """The repeated blocks (FSDP units): children of every ModuleList named 'blocks', nested or not."""
+    for name, module in model.named_modules():
+        if name.split(".")[-1] == "blocks" and isinstance(module, nn.ModuleList):
+            for child in module:
+                if isinstance(child, nn.ModuleList):  # pyramid stages
+                    yield from child
+                else:
+                    yield child
+
+
+def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer):
+    """(model, optimizer) state dicts in full on CPU, the optimizer state keyed by parameter name: the
+    same files whatever the world size and whether FSDP sharded the model (collective under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: Optional[dict],
+                          optim_sd: dict) -> None:
+    """Load full state dicts (from `full_state_dicts`) into a possibly sharded model and its optimizer;
+    model_sd None leaves the model as it is (loaded elsewhere)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True)
+    if model_sd is not None:
+        set_model_state_dict(model, model_sd, options=opts)
+    if optim_sd.get("state") and all(isinstance(k, int) for k in optim_sd["state"]):
+        optimizer.load_state_dict(optim_sd)   # older checkpoints: state keyed by parameter index
+    else:
+        set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)

@@ -1,0 +1,72 @@
+"""torchrun training on CPU (gloo): 2 processes follow the 1-process loss curve and resume after a stop."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from llamavit.train.loop import EpochBatchSampler
+
+MODEL_ARGS = ["--model", "visionllama_small_patch16_224", "--model-kwargs", "embed_dim=32", "depth=2", "num_heads=2",
+              "patch_size=8", "mlp_multiple_of=8", "--img-size", "32"]
+# dropout, drop path and mixup draw per rank: none here, so the curves must agree to float tolerance
+COMMON = ["--data", "synthetic", "--train-subset", "64", "--val-subset", "32", "--batch-size", "16", "--epochs", "2",
+          "--lr", "1e-3", "--warmup-epochs", "0", "--log-every", "1", "--no-progress", "--label-smoothing", "0",
+          "--hflip", "0", "--seed", "3"]
+
+
+def run(output, nproc, *extra):
+    """`llamavit train` in one process, or under torchrun with nproc gloo processes on this CPU."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    launcher = [sys.executable, "-m", "llamavit.cli"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "llamavit.cli"]
+    proc = subprocess.run([*launcher, "train", *MODEL_ARGS, *COMMON, "--output", str(output), *extra],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    with open(os.path.join(output, "log.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return ({r["step"]: r["loss"] for r in records if "loss" in r},
+            [r for r in records if "val_top1" in r])
+
+
+def test_batches_are_split_between_ranks():
+    whole = list(EpochBatchSampler(40, 8, seed=1))
+    ranks = [list(EpochBatchSampler(40, 8, seed=1, rank=r, world_size=2)) for r in range(2)]
+    assert all(len(b) == 4 for r in ranks for b in r)
+    assert [a + b for a, b in zip(*ranks)] == whole
+    with pytest.raises(ValueError, match="divisible by the 3 processes"):
+        EpochBatchSampler(40, 8, seed=1, world_size=3)
+
+
+def test_two_gloo_processes_match_one_process_and_resume(tmp_path):
+    one, one_eval = run(tmp_path / "one", 1)
+    two, two_eval = run(tmp_path / "two", 2)
+    with open(tmp_path / "two" / "config.json") as f:
+        assert json.load(f)["world_size"] == 2
+    assert sorted(one) == sorted(two) == list(range(1, 9))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-5), f"step {step}: {two[step]} vs {one[step]}"
+    # validation runs sharded over the ranks and is all-reduced: the same numbers
+    assert [r["val_top1"] for r in two_eval] == pytest.approx([r["val_top1"] for r in one_eval], abs=1e-6)
+    assert [r["val_loss"] for r in two_eval] == pytest.approx([r["val_loss"] for r in one_eval], rel=1e-4)
+    # gradient accumulation in one process: the same global batch, the same curve
+    accum, _ = run(tmp_path / "accum", 1, "--grad-accum-steps", "2")
+    assert [accum[s] for s in sorted(accum)] == pytest.approx([one[s] for s in sorted(one)], rel=1e-4, abs=1e-5)
+    # stop 2 processes after 3 steps, resume in 1 process: the remaining losses are the uninterrupted ones
+    run(tmp_path / "stopped", 2, "--max-steps", "3")
+    resumed, _ = run(tmp_path / "stopped", 1, "--resume")
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(4, 9):
+        assert resumed[step] == pytest.approx(one[step], rel=1e-4, abs=1e-5)
+
+
+def test_fsdp_run_resumes_in_one_plain_process(tmp_path):
+    """FSDP2 over 2 gloo processes, stopped after 2 steps, resumed without FSDP in 1 process: the curve
+    continues where the plain 1-process run would be."""
+    one, _ = run(tmp_path / "one", 1, "--max-steps", "4")
+    sharded, _ = run(tmp_path / "fsdp", 2, "--fsdp", "--max-steps", "2")
+    assert [sharded[s] for s in (1, 2)] == pytest.approx([one[s] for s in (1, 2)], rel=1e-4, abs=1e-5)
+    resumed, _ = run(tmp_path / "fsdp", 1, "--resume", "--max-steps", "4")
+    assert [resumed[s] for s in (3, 4)] == pytest.approx([one[s] for s in (3, 4)], rel=1e-4, abs=1e-5)
