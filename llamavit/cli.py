@@ -14,6 +14,7 @@
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 from typing import List, Optional
@@ -165,6 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--output", default="runs/activations", help="output directory (default: runs/activations)")
     a.add_argument("--ema", action="store_true", help="use the EMA weights if the checkpoint has them")
 
+    p = sub.add_parser("shard", help="write WebDataset tar shards of a dataset", description=(
+        "Write the train and val splits of Fashion-MNIST or an ImageFolder directory as WebDataset tar shards "
+        "(PNG + class index) with an index per split; `--data <shard dir>` then streams them in training."))
+    p.add_argument("--data", required=True, help="'fashion_mnist' or an ImageFolder directory (with train/ and val/)")
+    p.add_argument("--output", required=True, help="directory for the shards")
+    p.add_argument("--max-count", type=int, default=10000, help="samples per shard (default: 10000)")
+    p.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val"])
+
     p = sub.add_parser("demo", help="short Fashion-MNIST run: train, evaluate, predict",
                        description="Train the demo iLLaMA briefly on Fashion-MNIST, evaluate it and classify "
                                    "a few test images.")
@@ -208,9 +217,14 @@ def train_config_from_args(args):
 
 def cmd_train(args) -> None:
     from .train import train
+    from .train.distributed import shutdown_distributed
     cfg = train_config_from_args(args)
-    summary = train(cfg)
-    print(json.dumps(summary, indent=2))
+    try:
+        summary = train(cfg)
+    finally:
+        shutdown_distributed()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=2))
 
 
 def cmd_pretrain(args) -> None:
@@ -303,6 +317,14 @@ def cmd_analyze(args) -> None:
               f"({len(paths) - 1} PNG + activations.json)")
 
 
+def cmd_shard(args) -> None:
+    from .data import build_dataset, write_shards
+    for split in args.splits:
+        dataset = build_dataset(args.data, split)
+        index = write_shards(dataset, args.output, split, list(dataset.classes), max_count=args.max_count)
+        print(f"{split}: {index['count']} samples in {len(index['shards'])} shard(s) -> {args.output}")
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
     run_demo(args.output, epochs=args.epochs, train_subset=args.train_subset)
@@ -310,7 +332,7 @@ def cmd_demo(args) -> None:
 
 COMMANDS = {"models": cmd_models, "info": cmd_info, "train": cmd_train, "pretrain": cmd_pretrain, "probe": cmd_probe,
             "finetune": cmd_finetune, "eval": cmd_eval, "predict": cmd_predict, "analyze": cmd_analyze,
-            "demo": cmd_demo}
+            "shard": cmd_shard, "demo": cmd_demo}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -14,6 +14,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 
+from .shards import ShardDataset, is_shard_dir
+
 FASHION_MNIST_DIR = os.environ.get("LLAMAVIT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_INSTALL = "sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist"
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
@@ -93,6 +95,8 @@ def build_dataset(name: str, split: str = "train", transform: Optional[Callable]
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if name == "fashion_mnist":
         return FashionMNIST(train=split == "train", transform=transform)
+    if is_shard_dir(name):
+        return ShardDataset(name, split, transform, seed=kwargs.get("seed", 0), cycle=split == "train")
     if name == "synthetic":
         seed = kwargs.get("seed", 0) + (0 if split == "train" else 1)
         return SyntheticImages(num_samples=kwargs.get("num_samples", 64), num_classes=kwargs.get("num_classes", 4),

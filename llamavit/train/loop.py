@@ -11,6 +11,7 @@ of processes or of gradient-accumulation steps. Rank 0 alone writes logs and che
 hold full (gathered) tensors, so a run resumes on any world size.
 """
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -27,7 +28,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset
 from tqdm import tqdm
 
 from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, TransformConfig, build_dataset, build_transform
@@ -118,6 +119,8 @@ def build_datasets(cfg: TrainConfig):
     train = build_dataset(cfg.data, "train", build_transform(tcfg, True), **extra)
     val = build_dataset(cfg.data, "val", build_transform(tcfg, False), **extra)
     classes = list(train.classes)
+    if isinstance(train, IterableDataset) and (cfg.train_subset or cfg.val_subset):
+        raise ValueError("train_subset / val_subset need an indexable dataset; shards are streamed whole")
     if cfg.train_subset:
         train = Subset(train, range(min(cfg.train_subset, len(train))))
     if cfg.val_subset:
@@ -139,8 +142,16 @@ class Trainer:
             raise ValueError("EMA of an FSDP-sharded model is not supported: use ema_decay=0 with --fsdp")
         seed_everything(cfg.seed)
         train_set, self.val_set, self.classes = build_datasets(cfg)
-        self.train_set = SeededAugmentation(train_set, cfg.seed)
-        self.sampler = EpochBatchSampler(len(train_set), cfg.batch_size, cfg.seed, env.rank, env.world_size)
+        self.streaming = isinstance(train_set, IterableDataset)
+        if self.streaming:   # shards: each rank streams its own shards, augmentation seeded per sample key
+            if len(train_set) < cfg.batch_size:
+                raise ValueError(f"the training set has {len(train_set)} images, fewer than one batch of "
+                                 f"{cfg.batch_size}")
+            train_set.rank, train_set.world_size = env.rank, env.world_size
+            self.train_set, self.sampler = train_set, None
+        else:
+            self.train_set = SeededAugmentation(train_set, cfg.seed)
+            self.sampler = EpochBatchSampler(len(train_set), cfg.batch_size, cfg.seed, env.rank, env.world_size)
         self.steps_per_epoch = len(train_set) // cfg.batch_size
         self.total_steps = cfg.epochs * self.steps_per_epoch
 
@@ -268,19 +279,38 @@ class Trainer:
     def evaluate(self) -> Dict[str, float]:
         """Validation metrics over the whole set; each rank evaluates every world_size-th image."""
         env = self.env
-        shard = Subset(self.val_set, range(env.rank, len(self.val_set), env.world_size))
-        loader = DataLoader(shard, batch_size=max(self.cfg.batch_size, 256), num_workers=self.cfg.num_workers)
+        if isinstance(self.val_set, IterableDataset):   # shards: each rank reads its own
+            self.val_set.rank, self.val_set.world_size = env.rank, env.world_size
+            shard = self.val_set
+        else:
+            shard = Subset(self.val_set, range(env.rank, len(self.val_set), env.world_size))
+        loader = _Counted(DataLoader(shard, batch_size=max(self.cfg.batch_size, 256), num_workers=self.cfg.num_workers))
         models = {"val": self.model, **({"val_ema": self.ema.module} if self.ema is not None else {})}
         result = {}
         for prefix, model in models.items():
-            metrics = evaluate(model, loader, device=str(env.device)) if len(shard) else {}
+            loader.count = 0
+            try:
+                metrics = evaluate(model, loader, device=str(env.device))
+            except ValueError:   # this rank had no validation images
+                metrics = {}
             names = sorted(metrics) or ["loss", "top1", "top5"]
-            sums = torch.tensor([len(shard)] + [metrics.get(k, 0.0) * len(shard) for k in names], dtype=torch.float64)
+            n = loader.count
+            sums = torch.tensor([n] + [metrics.get(k, 0.0) * n for k in names], dtype=torch.float64)
             sums = all_reduce_sum(sums, env)
             result.update({f"{prefix}_{k}": (sums[i + 1] / sums[0]).item() for i, k in enumerate(names)})
         return result
 
     # --- the loop ------------------------------------------------------------------------------
+    def _epoch_batches(self, epoch: int, start_batch: int):
+        """This rank's batches of `epoch` from batch `start_batch` on (the same ones after a resume)."""
+        self.train_set.epoch = epoch
+        if not self.streaming:
+            self.sampler.epoch, self.sampler.start_batch = epoch, start_batch
+            return DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=self.cfg.num_workers)
+        local = self.cfg.batch_size // self.env.world_size
+        loader = DataLoader(self.train_set, batch_size=local, num_workers=self.cfg.num_workers, drop_last=True)
+        return itertools.islice(loader, start_batch, self.steps_per_epoch)
+
     def fit(self) -> Dict[str, Any]:
         cfg, main = self.cfg, self.env.is_main
         os.makedirs(cfg.output, exist_ok=True)
@@ -297,11 +327,7 @@ class Trainer:
         window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
         self.model.train()
         while self.step < stop_at:
-            epoch = self.step // self.steps_per_epoch
-            self.train_set.epoch = self.sampler.epoch = epoch
-            self.sampler.start_batch = self.step % self.steps_per_epoch
-            loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=cfg.num_workers,
-                                persistent_workers=False)
+            loader = self._epoch_batches(self.step // self.steps_per_epoch, self.step % self.steps_per_epoch)
             for images, targets in loader:
                 loss = self.train_step(images, targets)
                 window_loss, window_n = window_loss + loss, window_n + 1
@@ -340,6 +366,18 @@ class Trainer:
             with open(os.path.join(cfg.output, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
         return summary
+
+
+class _Counted:
+    """Iterates a loader of (images, labels) and counts the samples that went through."""
+
+    def __init__(self, loader):
+        self.loader, self.count = loader, 0
+
+    def __iter__(self):
+        for images, targets in self.loader:
+            self.count += len(targets)
+            yield images, targets
 
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
