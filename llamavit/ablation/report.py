@@ -1,0 +1,135 @@
+"""Report of a ladder run: per-rung means over seeds as JSON + markdown, curves and attention spectra PNGs."""
+import json
+import os
+import statistics
+from typing import Any, Dict, List
+
+from ..eval.attention import plot_spectra
+
+
+def _mean_std(values: List[float]) -> Dict[str, float]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def summarize_ladder(result: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """One row per rung: params, top-1 / final train loss / attention ranks as mean and std over seeds."""
+    rows = []
+    for rung in result["rungs"]:
+        runs = [r for r in result["runs"] if r["rung"] == rung["name"]]
+        if not runs:
+            continue
+        rows.append({"rung": rung["name"], "change": rung["change"], "params": runs[0]["params"],
+                     "attention": runs[0]["attention"], "seeds": [r["seed"] for r in runs],
+                     "top1": _mean_std([r["top1"] for r in runs]),
+                     "final_train_loss": _mean_std([r["final_train_loss"] for r in runs]),
+                     "attention_rank": _mean_std([r["attention_rank"]["mean_rank"] for r in runs]),
+                     "effective_rank": _mean_std([r["attention_rank"]["mean_effective_rank"] for r in runs]),
+                     "num_tokens": runs[0]["attention_rank"]["num_tokens"],
+                     "seconds": statistics.fmean(r["seconds"] for r in runs)})
+    return rows
+
+
+def _pm(stat: Dict[str, float], digits: int) -> str:
+    if stat["mean"] is None:
+        return "-"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def format_ladder_table(rows: List[Dict[str, Any]], markdown: bool = True) -> str:
+    header = ["rung", "change", "params", "top-1 (%)", "final train loss", "attention", "attn rank",
+              "effective rank", "s / run"]
+    lines = []
+    for r in rows:
+        lines.append([r["rung"], r["change"], f"{r['params']:,}", _pm(r["top1"], 2), _pm(r["final_train_loss"], 4),
+                      r["attention"], f"{_pm(r['attention_rank'], 1)} / {r['num_tokens']}",
+                      _pm(r["effective_rank"], 2), f"{r['seconds']:.0f}"])
+    if markdown:
+        out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(out + ["| " + " | ".join(row) + " |" for row in lines])
+    keep = [0, 2, 3, 4, 5, 6, 7]
+    widths = [max(len(header[i]), *(len(row[i]) for row in lines)) for i in keep]
+    fmt = lambda row: "  ".join(row[i].ljust(w) for i, w in zip(keep, widths))  # noqa: E731
+    return "\n".join([fmt(header)] + [fmt(row) for row in lines])
+
+
+def rank_comparison(rows: List[Dict[str, Any]]) -> Dict[str, Dict[str, float]]:
+    """Mean attention rank / effective rank of the causal rungs vs the bidirectional rungs."""
+    out = {}
+    for kind in ("bidirectional", "causal"):
+        group = [r for r in rows if r["attention"] == kind and r["attention_rank"]["mean"] is not None]
+        if group:
+            out[kind] = {"rungs": [r["rung"] for r in group],
+                         "mean_rank": statistics.fmean(r["attention_rank"]["mean"] for r in group),
+                         "mean_effective_rank": statistics.fmean(r["effective_rank"]["mean"] for r in group),
+                         "num_tokens": group[0]["num_tokens"]}
+    return out
+
+
+def plot_ladder_curves(result: Dict[str, Any], path: str) -> None:
+    """Training loss and validation top-1 against epoch, one colour per rung, one line per seed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["name"] for r in result["rungs"]]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, name in enumerate(names):
+        colour = plt.cm.tab10(i % 10)
+        for j, run in enumerate(r for r in result["runs"] if r["rung"] == name):
+            c = run["curves"]
+            label = name if j == 0 else None
+            ax_loss.plot(c["epoch"], c["loss"], color=colour, alpha=0.8, lw=1, label=label,
+                         ls="-" if j == 0 else "--")
+            if c["val_epoch"]:
+                ax_acc.plot(c["val_epoch"], c["val_top1"], "o-" if j == 0 else "s--", color=colour, ms=3, label=label)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("training loss")
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("validation top-1 (%)")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    ax_acc.legend(fontsize=7, loc="lower right")
+    budget = result["budget"]
+    fig.suptitle(f"{result['model']} ladder on {budget['data']}: {budget['epochs']} epoch(s), "
+                 f"train images {budget['train_images']}, seeds {result['seeds']} (solid: first seed)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_ladder_report(result: Dict[str, Any], out_dir: str, prefix: str = "ladder") -> List[str]:
+    """<prefix>.json (every run + per-rung summary + rank comparison), <prefix>.md, <prefix>_curves.png,
+    <prefix>_attention_spectrum.png. Returns the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    rows = summarize_ladder(result)
+    comparison = rank_comparison(rows)
+    paths = [os.path.join(out_dir, f"{prefix}{ext}") for ext in (".json", ".md", "_curves.png",
+                                                                  "_attention_spectrum.png")]
+    with open(paths[0], "w") as f:
+        json.dump({**result, "summary": rows, "attention_rank_comparison": comparison}, f, indent=2)
+    budget = result["budget"]
+    text = [f"# {result['model']} ablation ladder", "",
+            f"Budget per rung and seed: {budget['epochs']} epoch(s)" +
+            (f", at most {budget['max_steps']} steps" if budget["max_steps"] else "") +
+            f", batch {budget['batch_size']}, training images: {budget['train_images']}, test images: "
+            f"{budget['val_images']} ({budget['data']}); seeds {result['seeds']}. Mean ± std over seeds.", "",
+            format_ladder_table(rows), "",
+            "Attention rank: numerical rank (singular values > N·eps·σ₁) and effective rank (exp entropy of the "
+            "normalised singular values) of every layer's and head's attention map, averaged.", ""]
+    for kind, c in comparison.items():
+        text.append(f"- {kind} rungs ({', '.join(c['rungs'])}): rank {c['mean_rank']:.1f} / {c['num_tokens']}, "
+                    f"effective rank {c['mean_effective_rank']:.2f}")
+    with open(paths[1], "w") as f:
+        f.write("\n".join(text) + "\n")
+    plot_ladder_curves(result, paths[2])
+    spectra = {}
+    for row in rows:
+        runs = [r for r in result["runs"] if r["rung"] == row["rung"]]
+        spectra[f"{row['rung']} ({row['attention']})"] = [sum(v) / len(runs) for v in
+                                                          zip(*(r["attention_rank"]["spectrum"] for r in runs))]
+    plot_spectra(spectra, paths[3], title="attention-map singular values of the trained rungs\n"
+                                          "(mean over layers, heads, images, seeds)")
+    return paths
