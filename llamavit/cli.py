@@ -9,6 +9,8 @@
     llamavit eval --checkpoint RUN       top-1/top-5 of a checkpoint on a dataset
     llamavit predict IMG... --checkpoint RUN   top-5 classes of image files
     llamavit analyze activations --checkpoint RUN   per-token activation/frequency heat maps per block
+    llamavit analyze calibration|quantize|resolution|attention --checkpoint RUN   ECE, int8, resolution, attention
+    llamavit ablate illama-ladder [--epochs N --seeds 0 1]   the ViT -> iLLaMA ablation ladder
     llamavit demo                        a short Fashion-MNIST run, evaluation and predictions
 """
 import argparse
@@ -165,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frequency cut-off in cycles per token, 0.5 = Nyquist (default: 0.25)")
     a.add_argument("--output", default="runs/activations", help="output directory (default: runs/activations)")
     a.add_argument("--ema", action="store_true", help="use the EMA weights if the checkpoint has them")
+    from .cli_analyses import add_ablate_parser, add_analysis_parsers
+    add_analysis_parsers(analyses)   # calibration, quantize, resolution, attention
+    add_ablate_parser(sub)
 
     p = sub.add_parser("shard", help="write WebDataset tar shards of a dataset", description=(
         "Write the train and val splits of Fashion-MNIST or an ImageFolder directory as WebDataset tar shards "
@@ -300,7 +305,10 @@ def cmd_predict(args) -> None:
 
 
 def cmd_analyze(args) -> None:
+    from .cli_analyses import run_analysis
     from .train import model_from_checkpoint, read_meta
+    if run_analysis(args):
+        return
     if args.analysis == "activations":
         import torch
         from .eval.activations import ActivationConfig, analyze_activations, save_activation_report
@@ -333,6 +341,14 @@ def cmd_demo(args) -> None:
 COMMANDS = {"models": cmd_models, "info": cmd_info, "train": cmd_train, "pretrain": cmd_pretrain, "probe": cmd_probe,
             "finetune": cmd_finetune, "eval": cmd_eval, "predict": cmd_predict, "analyze": cmd_analyze,
             "shard": cmd_shard, "demo": cmd_demo}
+
+
+def cmd_ablate(args) -> None:
+    from .cli_analyses import cmd_ablate as run
+    run(args)
+
+
+COMMANDS["ablate"] = cmd_ablate
 
 
 def main(argv: Optional[List[str]] = None) -> int:
