@@ -124,12 +124,15 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--patch-size", type=int, default=VIT["patch_size"],
+                    help="ViT patch size (4: 49 patches; 7: 16 patches, ~3x cheaper through the frozen block)")
     ap.add_argument("--smoke", action="store_true", help="20 steps, seed 0, 512 test images: checks the script")
     ap.add_argument("--output", default="runs/fmnist_frozen_llm")
     ap.add_argument("--results", default=os.path.join(HERE, "results"))
     ap.add_argument("--tag", default="fmnist_frozen_llm")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    VIT["patch_size"] = args.patch_size
     t0 = time.perf_counter()
 
     gguf = measure_gguf_read()
