@@ -6,6 +6,14 @@ import torch.nn as nn
 from timm.layers import to_2tuple
 
 
+def check_images(x: torch.Tensor, in_chans: int) -> None:
+    """Raise a ValueError naming the problem unless x is a (B, in_chans, H, W) batch."""
+    if x.ndim != 4:
+        raise ValueError(f"expected images of shape (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
+    if x.shape[1] != in_chans:
+        raise ValueError(f"expected {in_chans} input channel(s), got {x.shape[1]} (input shape {tuple(x.shape)})")
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping patches through one strided Conv2d, tokens in raster order.
 
@@ -30,11 +38,8 @@ class PatchEmbed(nn.Module):
         return self.grid_size[0] * self.grid_size[1]
 
     def check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4:
-            raise ValueError(f"expected images of shape (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
-        _, c, h, w = x.shape
-        if c != self.in_chans:
-            raise ValueError(f"expected {self.in_chans} input channel(s), got {c} (input shape {tuple(x.shape)})")
+        check_images(x, self.in_chans)
+        h, w = x.shape[-2:]
         ph, pw = self.patch_size
         if h % ph or w % pw or h == 0 or w == 0:
             raise ValueError(f"input size {h}x{w} is not a positive multiple of the patch size {ph}x{pw} "

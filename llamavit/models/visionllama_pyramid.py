@@ -17,6 +17,7 @@ from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import Rope2D, SubsampledAttention, SwiGLU, WindowAttention, swiglu_hidden_dim
+from ..layers.patch_embed import check_images
 from .visionllama import checkpoint_filter_fn  # the same official -> ours key mapping
 
 __all__ = ["VisionLLaMAPyramid", "VisionLLaMAPyramidConfig", "checkpoint_filter_fn"]
@@ -153,11 +154,8 @@ class VisionLLaMAPyramid(nn.Module):
 
     # --- forward -------------------------------------------------------------------------------
     def check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4:
-            raise ValueError(f"expected images of shape (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
-        _, c, h, w = x.shape
-        if c != self.in_chans:
-            raise ValueError(f"expected {self.in_chans} input channel(s), got {c} (input shape {tuple(x.shape)})")
+        check_images(x, self.in_chans)
+        h, w = x.shape[-2:]
         smallest = max(stride * sr for stride, sr in zip(self.strides, self.cfg.sr_ratios))
         if h % self.cfg.patch_size or w % self.cfg.patch_size or h < smallest or w < smallest:
             raise ValueError(f"input size {h}x{w} must be a multiple of the patch size {self.cfg.patch_size} and at "
