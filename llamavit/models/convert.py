@@ -19,8 +19,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 
-def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """The raw state dict of a checkpoint file or llamavit checkpoint directory (no key conversion)."""
+def read_state_dict(path: str, state_keys: Sequence[str] = ("model", "state_dict", "model_state")
+                    ) -> Dict[str, torch.Tensor]:
+    """The raw state dict of a checkpoint file or llamavit checkpoint directory (no key conversion);
+    a wrapped file gives its first entry among `state_keys`."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
@@ -43,7 +45,7 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     except Exception as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
     if isinstance(obj, dict):
-        for key in ("model", "state_dict", "model_state"):
+        for key in state_keys:
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
@@ -76,11 +78,11 @@ def check_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], sour
         raise CheckpointError(f"{source} does not fit {type(model).__name__} — " + "; ".join(problems))
 
 
-def read_state_dicts(paths: Sequence[str]) -> Dict[str, torch.Tensor]:
+def read_state_dicts(paths: Sequence[str], **kwargs) -> Dict[str, torch.Tensor]:
     """The merged raw state dicts of several files (e.g. a backbone file and a head file); keys may not overlap."""
     merged: Dict[str, torch.Tensor] = {}
     for path in paths:
-        state_dict = read_state_dict(path)
+        state_dict = read_state_dict(path, **kwargs)
         overlap = set(merged) & set(state_dict)
         if overlap:
             raise CheckpointError(f"{path} repeats keys of the files before it: {_keys_report(overlap)}")
@@ -97,7 +99,9 @@ def load_checkpoint(model: nn.Module, path: Union[str, Sequence[str]], assign: b
     """
     from .registry import filter_fn_for
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-    raw = read_state_dicts(paths)
+    # a family may prefer another entry of wrapped files (DiT: the EMA weights of {'model', 'ema', ...})
+    keys = getattr(model, "checkpoint_state_keys", None)
+    raw = read_state_dicts(paths, **({"state_keys": keys} if keys else {}))
     source = f"checkpoint {paths[0] if len(paths) == 1 else paths}"
     state_dict = filter_fn_for(model)(raw, model)
     check_state_dict(model, state_dict, source=source)

@@ -12,7 +12,7 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from . import aim, illama, ladder_vit, visionllama, visionllama_pyramid, vit_llm
+from . import aim, dit_llama, illama, ladder_vit, visionllama, visionllama_pyramid, vit_llm
 
 # family -> (model class, config class, official checkpoint filter)
 FAMILIES: Dict[str, tuple] = {}
@@ -140,6 +140,20 @@ _register("ladder_vit_tiny_patch16_224", "ladder_vit", 224,
           "ViT-Ti (D=192, depth 12, heads 3) with every ViT -> iLLaMA ingredient a switch (norm, mlp, biases, "
           "mask_mode, class_token_position, pos_embed, rope): the ablation-ladder model. Defaults: a plain ViT.",
           patch_size=16, embed_dim=192, depth=12, num_heads=3)
+
+
+register_family("dit", dit_llama.DiT, dit_llama.DiTConfig, dit_llama.checkpoint_filter_fn)
+_DIT_SIZES = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16), "xl": (1152, 28, 16)}
+_DIT_CFG = {"input_size": (4, 32, 32), "first_conv": "x_embedder.proj", "classifier": "final_layer.linear",
+            "mean": (0.0,) * 4, "std": (1.0,) * 4}
+for _size, (_dim, _depth, _heads) in _DIT_SIZES.items():
+    for _patch in (2, 4, 8):
+        for _block, _prefix, _what in (("dit", "dit", "DiT"), ("llama", "dit_llama", "DiT-LLaMA")):
+            _register(f"{_prefix}_{_size}_{_patch}", "dit", 32,
+                      f"{_what}-{_size.upper()}/{_patch} (D={_dim}, depth={_depth}, heads={_heads}): class-conditional "
+                      f"diffusion transformer on 32x32x4 latents (ImageNet 256), forward(x, t, y) -> (B, 2C, H, W).",
+                      pretrained_cfg=_DIT_CFG, block=_block, patch_size=_patch, in_chans=4, embed_dim=_dim,
+                      depth=_depth, num_heads=_heads)
 
 
 def list_models(pattern: str = "*") -> List[str]:
