@@ -11,6 +11,7 @@
     llamavit analyze activations --checkpoint RUN   per-token activation/frequency heat maps per block
     llamavit analyze calibration|quantize|resolution|attention --checkpoint RUN   ECE, int8, resolution, attention
     llamavit ablate illama-ladder [--epochs N --seeds 0 1]   the ViT -> iLLaMA ablation ladder
+    llamavit generate train|sample|eval  class-conditional DiT / DiT-LLaMA (DDPM or SiT flow), grids, FID
     llamavit demo                        a short Fashion-MNIST run, evaluation and predictions
 """
 import argparse
@@ -170,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_analyses import add_ablate_parser, add_analysis_parsers
     add_analysis_parsers(analyses)   # calibration, quantize, resolution, attention
     add_ablate_parser(sub)
+    from .cli_generate import add_generate_parser
+    add_generate_parser(sub, _add_train_flags)   # generate train | sample | eval
 
     p = sub.add_parser("shard", help="write WebDataset tar shards of a dataset", description=(
         "Write the train and val splits of Fashion-MNIST or an ImageFolder directory as WebDataset tar shards "
@@ -349,6 +352,14 @@ def cmd_ablate(args) -> None:
 
 
 COMMANDS["ablate"] = cmd_ablate
+
+
+def cmd_generate(args) -> None:
+    from .cli_generate import cmd_generate as run
+    run(args, _parse_kv)
+
+
+COMMANDS["generate"] = cmd_generate
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -24,7 +24,10 @@ def model_info(name: str, **kwargs) -> Dict[str, Any]:
     in_chans = cfg.in_chans if cfg is not None else 3
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        model(torch.empty(1, in_chans, h, w, device="meta"))
+        if hasattr(model, "example_inputs"):   # diffusion models take (x, t, y)
+            model(*model.example_inputs(1, device="meta"))
+        else:
+            model(torch.empty(1, in_chans, h, w, device="meta"))
     return {
         "model": name,
         "params": sum(p.numel() for p in model.parameters()),

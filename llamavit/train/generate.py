@@ -1,0 +1,301 @@
+"""Training a class-conditional DiT / DiT-LLaMA (`llamavit generate train`).
+
+Objectives: 'ddpm' — DiT's recipe (t uniform over 1000 steps, eps MSE + learned-sigma VB) — or
+'flow' — SiT's linear interpolant with velocity regression (t ~ U[0, 1]). DiT's optimiser: AdamW,
+constant lr 1e-4, no weight decay; EMA of the weights (DiT: 0.9999; `ema_warmup` uses
+min(decay, (1 + s) / (10 + s)) so short runs get a useful average). Label dropout (the model's
+class_dropout_prob, 0.1) trains the null class for classifier-free guidance.
+
+Data: 'fashion_mnist' (28x28 zero-padded to 32x32, 1 channel, scaled to [-1, 1]), 'synthetic' (tests),
+or a latents file (.pt or .safetensors holding 'latents' (N, C, H, W) already scaled, e.g. VAE
+latents * 0.18215, and 'labels' (N,)): the model does not care which.
+
+Checkpoints and resume are the supervised loop's (train/checkpoint.py): model and EMA weights with
+metadata in safetensors, optimiser and step in state.pt; data order per (seed, epoch), and t, noise and
+label dropout per (seed, step), so a resumed run logs the same losses as an uninterrupted one.
+"""
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torchvision import transforms as T
+from tqdm import tqdm
+
+from ..data import build_dataset
+from ..data.transforms import ToRGB
+from ..diffusion import GaussianDiffusion, LinearFlow
+from ..models import create_model, load_checkpoint
+from .checkpoint import EMA_NAME, latest_checkpoint, load_training_state, save_checkpoint
+from .loop import EpochBatchSampler, NonFiniteLossError, SeededAugmentation, _mix_seed, seed_everything
+
+OBJECTIVES = ("ddpm", "flow")
+
+
+@dataclass
+class GenerateConfig:
+    model: str = "dit_llama_s_2"
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    checkpoint_path: Optional[str] = None
+    objective: str = "ddpm"
+    diffusion_steps: int = 1000
+    # data
+    data: str = "fashion_mnist"
+    img_size: int = 32
+    in_chans: int = 1
+    train_subset: int = 0
+    hflip: float = 0.0
+    num_workers: int = 0
+    # optimisation (DiT: AdamW 1e-4, no weight decay, EMA 0.9999)
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    clip_grad: Optional[float] = None
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True
+    amp: bool = False
+    device: str = "cpu"
+    # bookkeeping
+    output: str = "runs/generate"
+    seed: int = 0
+    resume: bool = False
+    max_steps: int = 0
+    log_every: int = 20
+    ckpt_every: int = 0
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "GenerateConfig":
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - valid)
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown}; valid: {sorted(valid)}")
+        return cls(**values)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+HELP = {
+    "objective": "'ddpm' (DiT: eps + learned-sigma VB) or 'flow' (SiT: linear interpolant, velocity)",
+    "diffusion_steps": "DDPM timesteps (linear betas)",
+    "data": "'fashion_mnist', 'synthetic', or a latents file (.pt/.safetensors with 'latents' and 'labels')",
+    "ema_decay": "EMA decay of the weights (DiT: 0.9999)",
+    "ema_warmup": "EMA decay min(decay, (1+step)/(10+step)) early on",
+    "img_size": "image side in pixels (Fashion-MNIST 28 is padded to it)",
+}
+
+
+def _is_latents(data: str) -> bool:
+    return data.endswith((".pt", ".pth", ".safetensors")) and os.path.isfile(data)
+
+
+def read_latents(path: str):
+    """(latents (N, C, H, W) float32, labels (N,) long) from a .pt or .safetensors file."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        obj = load_file(path)
+    else:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict) or "latents" not in obj or "labels" not in obj:
+        raise ValueError(f"{path} must hold a dict with 'latents' (N, C, H, W) and 'labels' (N,)")
+    latents, labels = obj["latents"].float(), obj["labels"].long()
+    if latents.ndim != 4 or len(labels) != len(latents):
+        raise ValueError(f"{path}: latents {tuple(latents.shape)} and labels {tuple(labels.shape)} do not match")
+    return latents, labels
+
+
+def pixel_transform(img_size: int, in_chans: int, hflip: float = 0.0, native: int = 28):
+    """PIL image -> (in_chans, img_size, img_size) in [-1, 1]; images `native` px wide are zero-padded."""
+    steps: List[Any] = [T.Grayscale(1) if in_chans == 1 else ToRGB()]
+    if img_size >= native and (img_size - native) % 2 == 0:
+        steps.append(T.Pad((img_size - native) // 2))
+    steps += [T.Resize((img_size, img_size)), T.RandomHorizontalFlip(hflip), T.ToTensor(),
+              T.Normalize((0.5,) * in_chans, (0.5,) * in_chans)]
+    return T.Compose(steps)
+
+
+def build_generative_dataset(cfg: GenerateConfig):
+    """(dataset of (x in [-1, 1] or latents, label), class names, pixel space?)."""
+    if _is_latents(cfg.data):
+        latents, labels = read_latents(cfg.data)
+        return TensorDataset(latents, labels), [str(c) for c in range(int(labels.max()) + 1)], False
+    native = 28 if cfg.data == "fashion_mnist" else cfg.img_size
+    ds = build_dataset(cfg.data, "train", pixel_transform(cfg.img_size, cfg.in_chans, cfg.hflip, native),
+                       img_size=cfg.img_size, in_chans=cfg.in_chans, seed=cfg.seed)
+    return ds, list(ds.classes), True
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+class GenerativeTrainer:
+    """Trains one DiT / DiT-LLaMA according to a GenerateConfig."""
+
+    def __init__(self, cfg: GenerateConfig):
+        self.cfg = cfg
+        seed_everything(cfg.seed)
+        dataset, self.classes, self.pixels = build_generative_dataset(cfg)
+        if cfg.train_subset:
+            dataset = Subset(dataset, range(min(cfg.train_subset, len(dataset))))
+        sample = dataset[0][0]
+        self.train_set = SeededAugmentation(dataset, cfg.seed)
+        self.sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed)
+        self.steps_per_epoch = len(dataset) // cfg.batch_size
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+
+        self.model_kwargs = {"img_size": sample.shape[-1], "in_chans": sample.shape[0],
+                             "num_classes": len(self.classes), **cfg.model_kwargs}
+        self.model = create_model(cfg.model, **self.model_kwargs)
+        if not hasattr(self.model, "t_embedder"):
+            raise ValueError(f"{cfg.model} is not a diffusion model; use a dit_* or dit_llama_* model")
+        if cfg.checkpoint_path:
+            load_checkpoint(self.model, cfg.checkpoint_path)
+        self.model.to(cfg.device)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
+        if cfg.objective == "ddpm":
+            self.objective = GaussianDiffusion.create(cfg.diffusion_steps, learn_sigma=self.model.cfg.learn_sigma)
+        else:
+            self.objective = LinearFlow()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.step = 0
+        self.history: List[Dict[str, Any]] = []
+        self.log_path = os.path.join(cfg.output, "log.jsonl")
+
+    def meta(self) -> Dict[str, Any]:
+        return {"model": self.cfg.model, "model_kwargs": self.model_kwargs, "classes": self.classes,
+                "objective": self.cfg.objective, "diffusion_steps": self.cfg.diffusion_steps,
+                "pixels": self.pixels}
+
+    def save(self) -> str:
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "config": self.cfg.to_dict()}
+        return save_checkpoint(self.cfg.output, self.step, self.model, self.meta(), state, ema=self.ema,
+                               keep=self.cfg.keep_checkpoints)
+
+    def try_resume(self) -> bool:
+        ckpt = latest_checkpoint(self.cfg.output)
+        if ckpt is None:
+            return False
+        state = load_training_state(ckpt)
+        load_checkpoint(self.model, ckpt)
+        if self.ema is not None:
+            load_checkpoint(self.ema, os.path.join(ckpt, EMA_NAME))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        if os.path.isfile(self.log_path):   # drop log lines written after the checkpoint
+            with open(self.log_path) as f:
+                self.history = [r for r in map(json.loads, filter(str.strip, f)) if r.get("step", 0) <= self.step]
+            with open(self.log_path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.history)
+        return True
+
+    def losses(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> Dict[str, torch.Tensor]:
+        """Per-sample loss terms of one batch; t and noise drawn from `generator`."""
+        b = x.shape[0]
+        noise = torch.randn(x.shape, generator=generator, device=x.device)
+        fn = lambda xt, t: self.model(xt, t, y)  # noqa: E731
+        if self.cfg.objective == "ddpm":
+            t = torch.randint(0, self.objective.num_timesteps, (b,), generator=generator, device=x.device)
+        else:
+            t = torch.rand(b, generator=generator, device=x.device)
+        return self.objective.training_losses(fn, x, t, noise)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
+        cfg = self.cfg
+        step_seed = _mix_seed(cfg.seed, self.step, 271828)
+        seed_everything(step_seed)
+        torch.manual_seed(step_seed)   # label dropout draws from the global generator
+        g = torch.Generator(device=cfg.device).manual_seed(step_seed)
+        x, y = x.to(cfg.device), y.to(cfg.device)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+            terms = self.losses(x, y, g)
+        loss = terms["loss"].mean()
+        value = loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"loss is {value} at step {self.step}; training stopped, nothing was saved "
+                                     f"after the last good checkpoint in {os.path.join(cfg.output, 'checkpoints')}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+        self.optimizer.step()
+        self.step += 1
+        if self.ema is not None:
+            decay = min(cfg.ema_decay, (1 + self.step) / (10 + self.step)) if cfg.ema_warmup else cfg.ema_decay
+            ema_update(self.ema, self.model, decay)
+        return {k: v.mean().item() for k, v in terms.items()}
+
+    def log(self, record: Dict[str, Any]) -> None:
+        self.history.append(record)
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def fit(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        os.makedirs(cfg.output, exist_ok=True)
+        resumed = cfg.resume and self.try_resume()
+        if not resumed and os.path.isfile(self.log_path):
+            os.remove(self.log_path)
+        with open(os.path.join(cfg.output, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+        stop_at = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
+        bar = tqdm(total=stop_at, initial=self.step, disable=not cfg.progress, desc=cfg.objective, unit="step",
+                   dynamic_ncols=True)
+        window: Dict[str, float] = {}
+        window_n, window_t, start = 0, time.perf_counter(), time.perf_counter()
+        self.model.train()
+        while self.step < stop_at:
+            epoch = self.step // self.steps_per_epoch
+            self.train_set.epoch = self.sampler.epoch = epoch
+            self.sampler.start_batch = self.step % self.steps_per_epoch
+            loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=cfg.num_workers)
+            for x, y in loader:
+                for k, v in self.train_step(x, y).items():
+                    window[k] = window.get(k, 0.0) + v
+                window_n += 1
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == stop_at:
+                    elapsed = time.perf_counter() - window_t
+                    record = {"step": self.step, "epoch": self.step / self.steps_per_epoch,
+                              **{k: v / window_n for k, v in window.items()},
+                              "img_per_s": window_n * cfg.batch_size / max(elapsed, 1e-9)}
+                    self.log(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}")
+                    window, window_n, window_t = {}, 0, time.perf_counter()
+                epoch_end = self.step % self.steps_per_epoch == 0
+                if epoch_end or (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == stop_at:
+                    self.save()
+                if self.step >= stop_at:
+                    break
+        bar.close()
+        summary = {"steps": self.step, "epochs": self.step / self.steps_per_epoch, "resumed": resumed,
+                   "objective": cfg.objective, "train_seconds": time.perf_counter() - start,
+                   "params": sum(p.numel() for p in self.model.parameters()),
+                   "final_loss": next((r["loss"] for r in reversed(self.history) if "loss" in r), None)}
+        with open(os.path.join(cfg.output, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        return summary
+
+
+def train_generative(cfg: GenerateConfig) -> Dict[str, Any]:
+    """Train according to cfg and return the summary."""
+    return GenerativeTrainer(cfg).fit()
