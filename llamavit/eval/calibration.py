@@ -77,11 +77,11 @@ def save_calibration_report(result: dict, out_dir: str, title: str = "") -> List
     width = 1.0 / len(bins)
     centres = [b["lower"] + width / 2 for b in bins]
     fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(5, 6), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
-    acc = [b["accuracy"] if b["count"] else 0.0 for b in bins]
-    conf = [b["confidence"] if b["count"] else c for b, c in zip(bins, centres)]
-    ax.bar(centres, acc, width=width, edgecolor="black", color="tab:blue", label="accuracy")
-    ax.bar(centres, [c - a if b["count"] else 0 for a, c, b in zip(acc, conf, bins)], bottom=acc, width=width,
-           edgecolor="tab:red", color="tab:red", alpha=0.3, label="gap to confidence")
+    full = [(c, b) for c, b in zip(centres, bins) if b["count"]]
+    ax.bar([c for c, _ in full], [b["accuracy"] for _, b in full], width=width, edgecolor="black", color="tab:blue",
+           label="accuracy")
+    ax.plot([c for c, _ in full], [b["confidence"] for _, b in full], "_", color="tab:red", ms=14, mew=2.5,
+            label="mean confidence")
     ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
     ax.set_ylabel("accuracy")
     ax.set_xlim(0, 1)
