@@ -105,7 +105,9 @@ def train_rung(ladder: Ladder, rung: Rung, seed: int, output: str, progress: boo
     return {"rung": rung.name, "seed": seed, "params": sum(p.numel() for p in model.parameters()),
             "top1": summary.get("val_top1"), "top5": summary.get("val_top5"), "val_loss": summary.get("val_loss"),
             "final_train_loss": summary.get("final_train_loss"), "steps": summary["steps"],
-            "epochs": summary["epochs"], "seconds": seconds, "attention": final_attention(model),
+            "epochs": summary["epochs"], "seconds": seconds,
+            "resumed": summary.get("resumed", False),   # then `seconds` counts only what ran this time
+            "attention": final_attention(model),
             "soft_mask_rate": getattr(model, "soft_mask_rate", None),
             "attention_rank": {k: ranks[k] for k in ("num_tokens", "mean_rank", "mean_effective_rank", "spectrum")},
             "curves": curves, "run_dir": cfg.output}
