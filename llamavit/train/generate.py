@@ -68,6 +68,7 @@ class GenerateConfig:
     seed: int = 0
     resume: bool = False
     max_steps: int = 0
+    max_minutes: float = 0.0           # > 0: stop (with a checkpoint) after this much training time
     log_every: int = 20
     ckpt_every: int = 0
     keep_checkpoints: int = 2
@@ -99,6 +100,7 @@ HELP = {
     "ema_decay": "EMA decay of the weights (DiT: 0.9999)",
     "ema_warmup": "EMA decay min(decay, (1+step)/(10+step)) early on",
     "img_size": "image side in pixels (Fashion-MNIST 28 is padded to it)",
+    "max_minutes": "stop after this many minutes of training, with a checkpoint (0 = no limit)",
 }
 
 
@@ -273,6 +275,8 @@ class GenerativeTrainer:
                     window[k] = window.get(k, 0.0) + v
                 window_n += 1
                 bar.update(1)
+                if cfg.max_minutes > 0 and time.perf_counter() - start >= 60 * cfg.max_minutes:
+                    stop_at = self.step
                 if self.step % cfg.log_every == 0 or self.step == stop_at:
                     elapsed = time.perf_counter() - window_t
                     record = {"step": self.step, "epoch": self.step / self.steps_per_epoch,
