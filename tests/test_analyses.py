@@ -110,7 +110,8 @@ def test_quantized_models_run_and_report_accuracy_and_size():
         row = rows[name]
         assert "error" not in row and 0.0 <= row["top1"] <= 100.0
         assert row["int8"] == linears and row["float"] == 0
-        assert row["size_ratio"] > 1.8   # D=32: the float patch embed / pos_embed / norms weigh and row["top1_drop"] == pytest.approx(rows["float32"]["top1"] - row["top1"])
+        assert row["size_ratio"] > 1.8   # at D=32 the float patch embed, pos_embed and norms weigh more
+        assert row["top1_drop"] == pytest.approx(rows["float32"]["top1"] - row["top1"])
     with torch.no_grad():
         ref = model(images)
         for qmodel in (quantize_dynamic_int8(model), quantize_static_int8(model, [images])):

@@ -51,7 +51,8 @@ def effective_ranks(maps: torch.Tensor) -> torch.Tensor:
 
 
 # --- probabilities from q and k ------------------------------------------------------------------
-def attention_probabilities(module: nn.Module, x: torch.Tensor, rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+def attention_probabilities(module: nn.Module, x: torch.Tensor,
+                            rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                             attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
     """The (B, heads, N, N) matrix `module` applies to its values for input x (B, N, D)."""
     b, n, _ = x.shape
@@ -94,7 +95,8 @@ def attention_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
 
 
 @torch.no_grad()
-def collect_attention(model: nn.Module, x: torch.Tensor, layers: Optional[Sequence[int]] = None) -> Dict[int, torch.Tensor]:
+def collect_attention(model: nn.Module, x: torch.Tensor,
+                      layers: Optional[Sequence[int]] = None) -> Dict[int, torch.Tensor]:
     """Run the model once on x (B, C, H, W); {layer index: probabilities (B, heads, N, N)} for the chosen
     attention layers (indices into attention_modules(model), negative allowed; None = all)."""
     modules = attention_modules(model)
