@@ -3,7 +3,7 @@
     llamavit models [PATTERN]            list model names
     llamavit info MODEL                  parameters, GFLOPs and config of a model
     llamavit train [--config F] [...]    supervised training (flags override the YAML config)
-    llamavit pretrain aim [...]          AIM pre-training (prefix-causal next-patch regression)
+    llamavit pretrain aim|mae [...]      AIM pre-training (prefix-causal next-patch regression) or MAE
     llamavit probe --checkpoint RUN --head attentive|linear   train a head on the frozen trunk
     llamavit finetune --checkpoint-path RUN [...]   train everything from a pre-trained trunk
     llamavit eval --checkpoint RUN       top-1/top-5 of a checkpoint on a dataset
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="self-supervised pre-training (AIM)", description=(
         "AIM pre-training of any llamavit trunk that takes an attention mask: prefix-causal attention, MLP "
         "pixel decoder, next-patch regression. Options from --config (YAML) overridden by flags."))
-    p.add_argument("objective", choices=["aim"], help="pre-training objective")
+    p.add_argument("objective", choices=["aim", "mae"], help="pre-training objective (mae: plain VisionLLaMA)")
     p.add_argument("--config", help="YAML file of pre-training options")
     _add_train_flags(p, PretrainConfig, PRETRAIN_HELP)
 
@@ -243,6 +243,10 @@ def cmd_pretrain(args) -> None:
     if args.config:
         with open(args.config) as f:
             values = {**(yaml.safe_load(f) or {}), **values}
+    if args.objective == "mae":
+        from .train.mae import MAE_DEFAULTS, pretrain_mae
+        print(json.dumps(pretrain_mae(PretrainConfig.from_dict({**MAE_DEFAULTS, **values})), indent=2))
+        return
     print(json.dumps(pretrain(PretrainConfig.from_dict(values)), indent=2))
 
 

@@ -79,6 +79,7 @@ class PretrainConfig:
     ckpt_every: int = 0
     keep_checkpoints: int = 2
     recon_every: int = 0                   # >0: save reconstructions.png every N steps (and at the end)
+    mask_ratio: float = 0.75               # MAE only: fraction of patches hidden from the encoder
     progress: bool = True
 
     def __post_init__(self):
@@ -150,9 +151,7 @@ class AIMPretrainer:
         if cfg.checkpoint_path:
             load_checkpoint(self.model, cfg.checkpoint_path)
         self.model.to(cfg.device)
-        decoder = DecoderConfig(cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_mlp_ratio,
-                                identity_attn_quirk=cfg.decoder_quirk)
-        self.objective = AutoregressiveObjective(self.model, decoder, cfg.img_size, cfg.in_chans).to(cfg.device)
+        self.objective = self.build_objective().to(cfg.device)
         self.optimizer = create_optimizer_v2(self.objective, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay,
                                              betas=tuple(cfg.betas))
         self.scheduler = CosineLRScheduler(self.optimizer, t_initial=self.total_steps, lr_min=cfg.min_lr,
@@ -163,10 +162,19 @@ class AIMPretrainer:
         self.log_path = os.path.join(cfg.output, "log.jsonl")
         self._recon_images: Optional[torch.Tensor] = None
 
+    objective_name = "aim"
+
+    def build_objective(self) -> torch.nn.Module:
+        """The trunk + decoder module; `forward(images, prefix) -> (loss, predictions, targets)`."""
+        cfg = self.cfg
+        decoder = DecoderConfig(cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_mlp_ratio,
+                                identity_attn_quirk=cfg.decoder_quirk)
+        return AutoregressiveObjective(self.model, decoder, cfg.img_size, cfg.in_chans)
+
     # --- checkpoints (the supervised loop's format) -----------------------------------------------
     def save(self) -> str:
         meta = {"model": self.cfg.model, "model_kwargs": self.model_kwargs, "classes": [],
-                "objective": "aim", "decoder": dataclasses.asdict(self.objective.decoder_cfg)}
+                "objective": self.objective_name, "decoder": dataclasses.asdict(self.objective.decoder_cfg)}
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "config": self.cfg.to_dict(),
                  "decoder": {k: v.detach().cpu() for k, v in self.objective.decoder.state_dict().items()}}
         return save_checkpoint(self.cfg.output, self.step, self.model, meta, state, keep=self.cfg.keep_checkpoints)
