@@ -21,7 +21,7 @@ import os
 import sys
 import time
 import warnings
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, List, Tuple
 
 import timm
 import torch

@@ -9,7 +9,7 @@ Sampling integrates dx/dt = v from t = 0 (noise) to t = 1 (data). SiT's default 
 adaptive dopri5 of torchdiffeq; here Euler and Heun (2nd order) with a fixed number of steps. Only the
 first C output channels are used, as SiT-LLaMA does with its learned-sigma output.
 """
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 import torch
 

@@ -30,11 +30,13 @@ from ..data.transforms import FirstChannel, ToRGB, _channels
 from ..models import create_model, load_checkpoint
 from .aim_objective import AutoregressiveObjective, DecoderConfig, patchify, sample_prefix_lengths, unpatchify
 from .checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from .config import Options
 from .loop import EpochBatchSampler, NonFiniteLossError, SeededAugmentation, _mix_seed, seed_everything
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(Options):
+    _kind = "pre-training"
     # model
     model: str = "aim_600m_patch14_224"
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
@@ -83,23 +85,8 @@ class PretrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        for name in ("scale", "betas", "mean", "std", "color_jitter"):
-            if isinstance(getattr(self, name), list):
-                setattr(self, name, tuple(getattr(self, name)))
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-
-    @classmethod
-    def from_dict(cls, values: Dict[str, Any]) -> "PretrainConfig":
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            raise ValueError(f"unknown pre-training option(s) {unknown}; valid: {sorted(valid)}")
-        return cls(**values)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        self._lists_to_tuples("scale", "betas", "mean", "std", "color_jitter")
+        self._require_positive("epochs", "batch_size")
 
 
 HELP = {

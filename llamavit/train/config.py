@@ -6,8 +6,47 @@ from typing import Any, Dict, Optional, Tuple
 import yaml
 
 
+class Options:
+    """What every run configuration dataclass shares: building from a dict or YAML with unknown names
+    refused by name, back to a dict, and the usual value checks. `_kind` names it in messages."""
+    _kind = "training"
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]):
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - valid)
+        if unknown:
+            raise ValueError(f"unknown {cls._kind} option(s) {unknown}; valid: {sorted(valid)}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str, **overrides):
+        try:
+            with open(path) as f:
+                values = yaml.safe_load(f) or {}
+        except FileNotFoundError as e:
+            raise ValueError(f"config file not found: {path}") from e
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path} must hold a mapping of option: value")
+        return cls.from_dict({**values, **overrides})
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def _require_positive(self, *names: str) -> None:
+        for name in names:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def _lists_to_tuples(self, *names: str) -> None:
+        """YAML and JSON give lists; the configs hold tuples."""
+        for name in names:
+            if isinstance(getattr(self, name), list):
+                setattr(self, name, tuple(getattr(self, name)))
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(Options):
     # model
     model: str = "illama_tiny_patch16_224"
     model_kwargs: Dict[str, Any] = field(default_factory=dict)   # extra create_model options
@@ -67,32 +106,5 @@ class TrainConfig:
     def __post_init__(self):
         if self.soft_mask not in ("none", "constant", "linear"):
             raise ValueError(f"soft_mask must be 'none', 'constant' or 'linear', got {self.soft_mask!r}")
-        for name in ("epochs", "batch_size", "grad_accum_steps"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("scale", "betas", "mean", "std"):
-            value = getattr(self, name)
-            if isinstance(value, list):
-                setattr(self, name, tuple(value))
-
-    @classmethod
-    def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            raise ValueError(f"unknown training option(s) {unknown}; valid: {sorted(valid)}")
-        return cls(**values)
-
-    @classmethod
-    def from_yaml(cls, path: str, **overrides) -> "TrainConfig":
-        try:
-            with open(path) as f:
-                values = yaml.safe_load(f) or {}
-        except FileNotFoundError as e:
-            raise ValueError(f"config file not found: {path}") from e
-        if not isinstance(values, dict):
-            raise ValueError(f"config file {path} must hold a mapping of option: value")
-        return cls.from_dict({**values, **overrides})
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        self._require_positive("epochs", "batch_size", "grad_accum_steps")
+        self._lists_to_tuples("scale", "betas", "mean", "std")

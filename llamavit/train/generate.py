@@ -15,7 +15,6 @@ metadata in safetensors, optimiser and step in state.pt; data order per (seed, e
 label dropout per (seed, step), so a resumed run logs the same losses as an uninterrupted one.
 """
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -25,7 +24,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 from torchvision import transforms as T
 from tqdm import tqdm
 
@@ -34,13 +33,15 @@ from ..data.transforms import ToRGB
 from ..diffusion import GaussianDiffusion, LinearFlow
 from ..models import create_model, load_checkpoint
 from .checkpoint import EMA_NAME, latest_checkpoint, load_training_state, save_checkpoint
+from .config import Options
 from .loop import EpochBatchSampler, NonFiniteLossError, SeededAugmentation, _mix_seed, seed_everything
 
 OBJECTIVES = ("ddpm", "flow")
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(Options):
+    _kind = "generation"
     model: str = "dit_llama_s_2"
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
     checkpoint_path: Optional[str] = None
@@ -77,20 +78,7 @@ class GenerateConfig:
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-
-    @classmethod
-    def from_dict(cls, values: Dict[str, Any]) -> "GenerateConfig":
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            raise ValueError(f"unknown option(s) {unknown}; valid: {sorted(valid)}")
-        return cls(**values)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        self._require_positive("epochs", "batch_size")
 
 
 HELP = {

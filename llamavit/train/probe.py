@@ -28,14 +28,15 @@ from ..layers.attentive_pool import AttentivePoolingHead
 from ..models import create_model, read_state_dict
 from ..models.registry import filter_fn_for
 from .checkpoint import read_meta, resolve_checkpoint
-from .config import TrainConfig
+from .config import Options, TrainConfig
 from .loop import Trainer
 
 HEADS = ("attentive", "linear")
 
 
 @dataclass
-class ProbeConfig:
+class ProbeConfig(Options):
+    _kind = "probe"
     checkpoint: Optional[str] = None        # llamavit run/checkpoint, or an official file with --model
     model: Optional[str] = None             # model name (default: the checkpoint's); alone = random trunk
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
@@ -61,14 +62,6 @@ class ProbeConfig:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
         if self.checkpoint is None and self.model is None:
             raise ValueError("give a checkpoint to probe, or a model name to probe a randomly initialised trunk")
-
-    @classmethod
-    def from_dict(cls, values: Dict[str, Any]) -> "ProbeConfig":
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            raise ValueError(f"unknown probe option(s) {unknown}; valid: {sorted(valid)}")
-        return cls(**values)
 
 
 HELP = {
