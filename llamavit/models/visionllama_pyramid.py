@@ -183,13 +183,18 @@ class VisionLLaMAPyramid(nn.Module):
                 x = blk(x, grid, ropes)
         return x, grid
 
+    def _stages(self, x: torch.Tensor, count: int):
+        """Run the first `count` stages on images (B, C, H, W); yield (index, tokens, grid) after each."""
+        grid = None
+        for i in range(count):
+            x, grid = self._stage(i, x if grid is None else _to_map(x, grid))
+            yield i, x, grid
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> last-stage tokens (B, H/32 * W/32, C_last) after the final norm."""
         self.check_input(x)
-        for i in range(len(self.blocks)):
-            if i:
-                x = x.transpose(1, 2).reshape(x.shape[0], -1, *grid)
-            x, grid = self._stage(i, x)
+        for _, x, _ in self._stages(x, len(self.blocks)):
+            pass
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -216,13 +221,9 @@ class VisionLLaMAPyramid(nn.Module):
         last = len(self.blocks) - 1
         stages = max_index + 1 if stop_early else len(self.blocks)
         intermediates = []
-        for i in range(stages):
-            if i:
-                x = x.transpose(1, 2).reshape(x.shape[0], -1, *grid)
-            x, grid = self._stage(i, x)
+        for i, x, grid in self._stages(x, stages):
             if i in take:
-                y = self.norm(x) if norm and i == last else x
-                intermediates.append(y.transpose(1, 2).reshape(y.shape[0], -1, *grid))
+                intermediates.append(_to_map(self.norm(x) if norm and i == last else x, grid))
         if intermediates_only:
             return intermediates
         return self.norm(x), intermediates
@@ -237,6 +238,11 @@ class VisionLLaMAPyramid(nn.Module):
         if prune_head:
             self.reset_classifier(0)
         return take
+
+
+def _to_map(tokens: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """(B, H*W, C) raster tokens -> (B, C, H, W)."""
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
 
 
 def _init_weights(m: nn.Module) -> None:
