@@ -70,3 +70,19 @@ def test_fsdp_run_resumes_in_one_plain_process(tmp_path):
     assert [sharded[s] for s in (1, 2)] == pytest.approx([one[s] for s in (1, 2)], rel=1e-4, abs=1e-5)
     resumed, _ = run(tmp_path / "fsdp", 1, "--resume", "--max-steps", "4")
     assert [resumed[s] for s in (3, 4)] == pytest.approx([one[s] for s in (3, 4)], rel=1e-4, abs=1e-5)
+
+
+def test_bad_distributed_settings_are_explained(tmp_path):
+    from llamavit.train import TrainConfig, Trainer
+    base = dict(model="visionllama_small_patch16_224", img_size=32, data="synthetic", batch_size=16, progress=False,
+                output=str(tmp_path), model_kwargs=dict(embed_dim=16, depth=1, num_heads=2, patch_size=8,
+                                                        mlp_multiple_of=8))
+    with pytest.raises(ValueError, match=r"batch_size 16 \(global\) must be divisible by processes x "
+                                         r"grad_accum_steps = 1 x 3"):
+        Trainer(TrainConfig.from_dict({**base, "grad_accum_steps": 3}))
+    with pytest.raises(ValueError, match="launch with torchrun"):
+        Trainer(TrainConfig.from_dict({**base, "fsdp": True}))
+    with pytest.raises(ValueError, match="EMA of an FSDP-sharded model"):
+        Trainer(TrainConfig.from_dict({**base, "fsdp": True, "ema_decay": 0.99}))
+    with pytest.raises(ValueError, match="device must be 'auto', 'cpu' or 'cuda'"):
+        Trainer(TrainConfig.from_dict({**base, "device": "tpu"}))

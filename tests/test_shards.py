@@ -76,3 +76,12 @@ def test_training_from_shards_resumes_exactly(shard_dir, tmp_path):
     assert [again[s] for s in range(9, 13)] == pytest.approx([losses[s] for s in range(9, 13)], rel=1e-6)
     with pytest.raises(ValueError, match="streamed whole"):
         Trainer(TrainConfig.from_dict({**base, "output": str(tmp_path / "x"), "train_subset": 8}))
+
+
+def test_shard_command_writes_and_explains_bad_input(tmp_path, capsys):
+    from llamavit.cli import main
+    assert main(["shard", "--data", "synthetic", "--output", str(tmp_path / "s"), "--max-count", "40"]) == 0
+    assert "train: 64 samples in 2 shard(s)" in capsys.readouterr().out
+    assert len(build_dataset(str(tmp_path / "s"), "train")) == 64
+    assert main(["shard", "--data", str(tmp_path / "nowhere"), "--output", str(tmp_path / "t")]) == 2
+    assert "is neither 'fashion_mnist', 'synthetic' nor an existing directory" in capsys.readouterr().err
