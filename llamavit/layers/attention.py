@@ -84,12 +84,15 @@ def naive_soft_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     n, groups = q.shape[-2], q.shape[-3] // k.shape[-3]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
-    probs = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
+    # scaling q (N x d) instead of the scores (N x N) saves a pass over the scores
+    probs = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+    # without autograd the mask can overwrite the probabilities (softmax's backward would need them)
+    inplace = not probs.requires_grad
     if rate == 0.0:
-        return probs.tril() @ v
+        return (probs.tril_() if inplace else probs.tril()) @ v
     causal = torch.ones(n, n, device=q.device, dtype=q.dtype).tril()
     mask = rate * torch.ones_like(causal) + (1 - rate) * causal
-    return (probs * mask) @ v
+    return (probs.mul_(mask) if inplace else probs * mask) @ v
 
 
 def prefix_causal_mask(num_tokens: int, prefix_len, device=None) -> torch.Tensor:
