@@ -140,7 +140,8 @@ def bench_pair(pair, batch: int, rounds: int, max_seconds: float, peak: float, c
 def markdown(res: dict) -> str:
     variants = ["eager"] + (["compiled"] if res["compile"] else [])
     head = "| group | model | params | GFLOP/img | act. MB/img | " + " | ".join(
-        f"{v} eval img/s | {v} % peak | {v} train img/s" for v in variants) + " | eval ratio | train ratio |"
+        f"{v} eval img/s | {v} % peak | {v} train img/s" for v in variants) + " | " + " | ".join(
+        f"{v} {k} ratio" for v in variants for k in ("eval", "train")) + " |"
     lines = [f"Suite on {res['machine']['cpu']}, {res['machine']['threads']} threads, batch {res['batch']}, "
              f"fp32; matmul peak {res['matmul_peak']['gflops_per_s']:.0f} GFLOP/s", "", head,
              "|" + "---|" * (head.count("|") - 1)]
@@ -149,8 +150,8 @@ def markdown(res: dict) -> str:
             m = pair["models"][name]
             cells = [f"{m[f'{v}_eval_img_s']:.1f} | {100 * m[f'{v}_eval_frac_matmul_peak']:.0f}% | "
                      f"{m[f'{v}_train_img_s']:.1f}" for v in variants]
-            ratios = " | ".join(f"{pair[f'{v}_{k}_ratio']:.2f}x" for k in ("eval", "train") for v in variants[:1]) \
-                if name == pair["ours"] else " | "
+            ratios = " | ".join(f"{pair[f'{v}_{k}_ratio']:.2f}x" if name == pair["ours"] else ""
+                               for v in variants for k in ("eval", "train"))
             lines.append(f"| {pair['group'] if name == pair['ours'] else ''} | {name} | {m['params'] / 1e6:.1f}M | "
                          f"{m['gflop_per_img']:.2f} | {m['saved_activation_mb_per_img']:.1f} | " + " | ".join(cells) +
                          f" | {ratios} |")
@@ -181,8 +182,10 @@ def main(argv=None) -> int:
     for pair in pairs:
         res["pairs"].append(bench_pair(pair, args.batch, args.rounds, args.max_seconds,
                                        res["matmul_peak"]["gflops_per_s"], args.compile))
-        print(f"{pair[0]}: eval {res['pairs'][-1]['eager_eval_ratio']:.2f}x, train "
-              f"{res['pairs'][-1]['eager_train_ratio']:.2f}x vs {pair[2][0]}", flush=True)
+        done = res["pairs"][-1]
+        print(f"{pair[0]} vs {pair[2][0]}: " + ", ".join(
+            f"{v} eval {done[f'{v}_eval_ratio']:.2f}x train {done[f'{v}_train_ratio']:.2f}x"
+            for v in ("eager", "compiled") if f"{v}_eval_ratio" in done), flush=True)
     res["load_after"], res["seconds"] = load_average(), time.time() - start
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
