@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from ..layers import Attention, PatchEmbed
 from ..layers.attentive_pool import AttentivePoolingHead
 from ..layers.pos_embed import sincos_2d
+from .common import ClassifierContract
 
 
 @dataclass
@@ -102,7 +103,7 @@ def resolve_probe_layers(probe_layers: Union[int, Sequence[int]], depth: int) ->
     return layers
 
 
-class AIM(nn.Module):
+class AIM(ClassifierContract, nn.Module):
     """AIM v1 classifier with the attentive probe. forward: (B, C, H, W) -> (B, num_classes).
 
     `forward_features` returns the head input: the mean of the raw (un-normed) outputs of the probe
@@ -134,14 +135,10 @@ class AIM(nn.Module):
         w = self.preprocessor.patchifier.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))   # the patch conv as a Linear, as MAE and AIM do
 
-    # --- timm contract -------------------------------------------------------------------------
+    # --- timm contract (set_grad_checkpointing in ClassifierContract) ---------------------------
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         return {"head.cls_token"}
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:

@@ -14,6 +14,7 @@ from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import Attention, PatchEmbed, RMSNorm, RotaryEmbedding, SwiGLU, swiglu_hidden_dim
+from .common import ClassifierContract, SoftMaskRate, init_linear
 
 
 @dataclass
@@ -58,14 +59,13 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class ILLaMA(nn.Module):
+class ILLaMA(ClassifierContract, SoftMaskRate, nn.Module):
     """iLLaMA classifier. forward: (B, C, H, W) -> (B, num_classes)."""
 
     def __init__(self, cfg: Optional[ILLaMAConfig] = None, **kwargs):
         super().__init__()
         cfg = cfg or ILLaMAConfig(**kwargs)
-        if cfg.global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool must be 'token' or 'avg', got {cfg.global_pool!r}")
+        self.check_global_pool(cfg.global_pool)
         self.cfg = cfg
         self.num_classes = cfg.num_classes
         self.global_pool = cfg.global_pool
@@ -86,44 +86,13 @@ class ILLaMA(nn.Module):
 
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
-        self.apply(self._init_weights)
+        self.apply(init_linear)
         self.set_soft_mask_rate(cfg.soft_mask_rate)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-    # --- timm contract -------------------------------------------------------------------------
+    # --- timm contract (the rest in ClassifierContract) -----------------------------------------
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         return {"pos_embed", "cls_token"}
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("token", "avg"):
-                raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-
-    def set_soft_mask_rate(self, rate: float) -> None:
-        """Soft-mask rate r for every block: 1 = bidirectional, 0 = causal (official post-softmax mask)."""
-        if not 0.0 <= rate <= 1.0:
-            raise ValueError(f"soft mask rate must be in [0, 1], got {rate}")
-        self.soft_mask_rate = float(rate)
-        for blk in self.blocks:
-            blk.attn.soft_mask_rate = float(rate)
 
     # --- forward -------------------------------------------------------------------------------
     def _pos_embed(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:

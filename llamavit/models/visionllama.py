@@ -16,6 +16,7 @@ from timm.layers import DropPath, LayerScale, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import Attention, PatchEmbed, Rope2D, SwiGLU, swiglu_hidden_dim
+from .common import ClassifierContract, init_linear
 
 RopeTables = Tuple[torch.Tensor, torch.Tensor]
 
@@ -77,7 +78,7 @@ class Block(nn.Module):
         return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
 
-class VisionLLaMA(nn.Module):
+class VisionLLaMA(ClassifierContract, nn.Module):
     """Plain VisionLLaMA classifier. forward: (B, C, H, W) -> (B, num_classes), any H, W multiple of the patch."""
 
     def __init__(self, cfg: Optional[VisionLLaMAConfig] = None, **kwargs):
@@ -109,27 +110,15 @@ class VisionLLaMA(nn.Module):
 
         if self.cls_token is not None:
             trunc_normal_(self.cls_token, std=0.02)
-        self.apply(_init_weights)
+        self.apply(init_linear)
 
-    # --- timm contract -------------------------------------------------------------------------
+    # --- timm contract (the rest in ClassifierContract) -----------------------------------------
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         return {"cls_token"}
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            _check_pool(global_pool, self.cls_token is not None)
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+    def check_global_pool(self, global_pool: str) -> None:
+        _check_pool(global_pool, self.cls_token is not None)
 
     # --- forward -------------------------------------------------------------------------------
     def rope_tables(self, img_hw: Tuple[int, int]) -> RopeTables:
@@ -213,10 +202,3 @@ def _check_pool(global_pool: str, class_token: bool) -> None:
         raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
     if global_pool == "token" and not class_token:
         raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg' without a class token")
-
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)

@@ -12,12 +12,13 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, LayerScale, trunc_normal_
+from timm.layers import DropPath, LayerScale
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import Rope2D, SubsampledAttention, SwiGLU, WindowAttention, swiglu_hidden_dim
 from ..layers.patch_embed import check_images
+from .common import ClassifierContract, init_linear
 from .visionllama import checkpoint_filter_fn  # the same official -> ours key mapping
 
 __all__ = ["VisionLLaMAPyramid", "VisionLLaMAPyramidConfig", "checkpoint_filter_fn"]
@@ -90,7 +91,7 @@ def gsa_key_positions(sr_ratio: int) -> dict:
     return {"step": float(sr_ratio), "offset": 1.0 - 1.0 / sr_ratio}
 
 
-class VisionLLaMAPyramid(nn.Module):
+class VisionLLaMAPyramid(ClassifierContract, nn.Module):
     """Pyramid VisionLLaMA classifier. forward: (B, C, H, W) -> (B, num_classes)."""
 
     def __init__(self, cfg: Optional[VisionLLaMAPyramidConfig] = None, **kwargs):
@@ -100,8 +101,7 @@ class VisionLLaMAPyramid(nn.Module):
         for name in ("embed_dims", "num_heads", "wss", "sr_ratios"):
             if len(getattr(cfg, name)) != stages:
                 raise ValueError(f"{name} has {len(getattr(cfg, name))} entries but depths has {stages} stages")
-        if cfg.global_pool != "avg":
-            raise ValueError(f"the pyramid has no class token: global_pool must be 'avg', got {cfg.global_pool!r}")
+        self.check_global_pool(cfg.global_pool)
         self.cfg = cfg
         self.num_classes = cfg.num_classes
         self.global_pool = "avg"
@@ -133,24 +133,14 @@ class VisionLLaMAPyramid(nn.Module):
                              for i in range(stages)]
         self.apply(_init_weights)
 
-    # --- timm contract -------------------------------------------------------------------------
+    # --- timm contract (the rest in ClassifierContract) -----------------------------------------
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         return set()
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool not in (None, "avg"):
+    def check_global_pool(self, global_pool: str) -> None:
+        if global_pool != "avg":
             raise ValueError(f"the pyramid has no class token: global_pool must be 'avg', got {global_pool!r}")
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     # --- forward -------------------------------------------------------------------------------
     def check_input(self, x: torch.Tensor) -> None:
@@ -246,11 +236,8 @@ def _to_map(tokens: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
 
 
 def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Conv2d):
+    init_linear(m)
+    if isinstance(m, nn.Conv2d):
         fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
         nn.init.normal_(m.weight, 0.0, (2.0 / fan_out) ** 0.5)
         if m.bias is not None:
