@@ -9,29 +9,26 @@ Resume is exact for the same reasons as the supervised loop: per-(seed, epoch) d
 per-(seed, epoch, index) augmentation and per-(seed, step) prefix lengths.
 """
 import dataclasses
-import json
-import math
 import os
-import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from timm.data import create_transform
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 from torchvision import transforms as T
 from torchvision.utils import save_image
-from tqdm import tqdm
 
 from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, build_dataset
 from ..data.transforms import FirstChannel, ToRGB, _channels
 from ..models import create_model, load_checkpoint
 from .aim_objective import AutoregressiveObjective, DecoderConfig, patchify, sample_prefix_lengths, unpatchify
-from .checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from .checkpoint import load_training_state, save_checkpoint
 from .config import Options
-from .loop import EpochBatchSampler, NonFiniteLossError, SeededAugmentation, _mix_seed, seed_everything
+from .loop import EpochBatchSampler, SeededAugmentation, _mix_seed, seed_everything
+from .step_loop import StepLoop
 
 
 @dataclass
@@ -118,8 +115,10 @@ def pretrain_transform(cfg: PretrainConfig):
     return T.Compose([ToRGB(), tf] + ([FirstChannel()] if cfg.in_chans == 1 else []))
 
 
-class AIMPretrainer:
+class AIMPretrainer(StepLoop):
     """Autoregressive pre-training of one llamavit trunk according to a PretrainConfig."""
+
+    progress_desc = "pretrain"
 
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
@@ -144,9 +143,7 @@ class AIMPretrainer:
         self.scheduler = CosineLRScheduler(self.optimizer, t_initial=self.total_steps, lr_min=cfg.min_lr,
                                            warmup_t=int(cfg.warmup_frac * self.total_steps),
                                            warmup_lr_init=cfg.warmup_lr, t_in_epochs=False)
-        self.step = 0
-        self.history: List[Dict[str, Any]] = []
-        self.log_path = os.path.join(cfg.output, "log.jsonl")
+        self.init_loop()
         self._recon_images: Optional[torch.Tensor] = None
 
     objective_name = "aim"
@@ -166,28 +163,30 @@ class AIMPretrainer:
                  "decoder": {k: v.detach().cpu() for k, v in self.objective.decoder.state_dict().items()}}
         return save_checkpoint(self.cfg.output, self.step, self.model, meta, state, keep=self.cfg.keep_checkpoints)
 
-    def try_resume(self) -> bool:
-        ckpt = latest_checkpoint(self.cfg.output)
-        if ckpt is None:
-            return False
-        state = load_training_state(ckpt)
-        load_checkpoint(self.model, ckpt)
+    def restore(self, checkpoint_dir: str) -> int:
+        state = load_training_state(checkpoint_dir)
+        load_checkpoint(self.model, checkpoint_dir)
         self.objective.decoder.load_state_dict(state["decoder"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.step = int(state["step"])
-        if os.path.isfile(self.log_path):   # drop log lines written after the checkpoint
-            with open(self.log_path) as f:
-                self.history = [r for r in map(json.loads, filter(str.strip, f)) if r.get("step", 0) <= self.step]
-            with open(self.log_path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in self.history)
-        return True
+        return int(state["step"])
+
+    def trained_module(self) -> torch.nn.Module:
+        return self.objective
+
+    def after_step(self) -> None:
+        if self.cfg.recon_every and self.step % self.cfg.recon_every == 0:
+            self.save_reconstructions()
+
+    def after_fit(self) -> None:
+        self.save_reconstructions()
 
     # --- one step ------------------------------------------------------------------------------
     def prefix_lengths(self, batch: int, num_patches: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(_mix_seed(self.cfg.seed, self.step, 31337))
         return sample_prefix_lengths(batch, num_patches, g, self.cfg.prefix_min, self.cfg.prefix_max)
 
-    def train_step(self, images: torch.Tensor) -> float:
+    def train_step(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> Dict[str, float]:
+        """One optimiser step on a batch of images (labels are ignored) -> {'loss': value}."""
         cfg = self.cfg
         self.scheduler.step_update(self.step)
         step_seed = _mix_seed(cfg.seed, self.step, 104729)
@@ -199,16 +198,14 @@ class AIMPretrainer:
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
             loss, _, _ = self.objective(images, prefix)
         value = loss.item()
-        if not math.isfinite(value):
-            raise NonFiniteLossError(f"loss is {value} at step {self.step}; pre-training stopped, nothing was saved "
-                                     f"after the last good checkpoint in {os.path.join(cfg.output, 'checkpoints')}")
+        self.check_loss(value)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_grad:
             torch.nn.utils.clip_grad_norm_(self.objective.parameters(), cfg.clip_grad)
         self.optimizer.step()
         self.step += 1
-        return value
+        return {"loss": value}
 
     @torch.no_grad()
     def save_reconstructions(self, num_images: int = 8) -> str:
@@ -244,56 +241,6 @@ class AIMPretrainer:
         path = os.path.join(cfg.output, "reconstructions.png")
         save_image((out - lo) / (hi - lo + 1e-6), path, nrow=images.shape[0])
         return path
-
-    def log(self, record: Dict[str, Any]) -> None:
-        self.history.append(record)
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    # --- the loop ------------------------------------------------------------------------------
-    def fit(self) -> Dict[str, Any]:
-        cfg = self.cfg
-        os.makedirs(cfg.output, exist_ok=True)
-        resumed = cfg.resume and self.try_resume()
-        if not resumed and os.path.isfile(self.log_path):
-            os.remove(self.log_path)
-        with open(os.path.join(cfg.output, "config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
-        stop_at = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
-        bar = tqdm(total=stop_at, initial=self.step, disable=not cfg.progress, desc="pretrain", unit="step",
-                   dynamic_ncols=True)
-        window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
-        self.objective.train()
-        while self.step < stop_at:
-            epoch = self.step // self.steps_per_epoch
-            self.train_set.epoch = self.sampler.epoch = epoch
-            self.sampler.start_batch = self.step % self.steps_per_epoch
-            loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=cfg.num_workers)
-            for images, _ in loader:
-                window_loss, window_n = window_loss + self.train_step(images), window_n + 1
-                bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == stop_at:
-                    elapsed = time.perf_counter() - window_t
-                    record = {"step": self.step, "epoch": self.step / self.steps_per_epoch,
-                              "loss": window_loss / window_n, "lr": self.optimizer.param_groups[0]["lr"],
-                              "img_per_s": window_n * cfg.batch_size / max(elapsed, 1e-9)}
-                    self.log(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-                    window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
-                if cfg.recon_every and self.step % cfg.recon_every == 0:
-                    self.save_reconstructions()
-                epoch_end = self.step % self.steps_per_epoch == 0
-                if epoch_end or (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == stop_at:
-                    self.save()
-                if self.step >= stop_at:
-                    break
-        bar.close()
-        self.save_reconstructions()
-        summary = {"steps": self.step, "epochs": self.step / self.steps_per_epoch, "resumed": resumed,
-                   "final_loss": next((r["loss"] for r in reversed(self.history) if "loss" in r), None)}
-        with open(os.path.join(cfg.output, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        return summary
 
 
 def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:

@@ -15,26 +15,23 @@ metadata in safetensors, optimiser and step in state.pt; data order per (seed, e
 label dropout per (seed, step), so a resumed run logs the same losses as an uninterrupted one.
 """
 import copy
-import json
-import math
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import Subset, TensorDataset
 from torchvision import transforms as T
-from tqdm import tqdm
 
 from ..data import build_dataset
 from ..data.transforms import ToRGB
 from ..diffusion import GaussianDiffusion, LinearFlow
 from ..models import create_model, load_checkpoint
-from .checkpoint import EMA_NAME, latest_checkpoint, load_training_state, save_checkpoint
+from .checkpoint import EMA_NAME, load_training_state, save_checkpoint
 from .config import Options
-from .loop import EpochBatchSampler, NonFiniteLossError, SeededAugmentation, _mix_seed, seed_everything
+from .loop import EpochBatchSampler, SeededAugmentation, _mix_seed, seed_everything
+from .step_loop import StepLoop
 
 OBJECTIVES = ("ddpm", "flow")
 
@@ -138,8 +135,10 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         e.mul_(decay).add_(p.detach(), alpha=1 - decay)
 
 
-class GenerativeTrainer:
+class GenerativeTrainer(StepLoop):
     """Trains one DiT / DiT-LLaMA according to a GenerateConfig."""
+
+    progress_desc = "diffusion"
 
     def __init__(self, cfg: GenerateConfig):
         self.cfg = cfg
@@ -167,9 +166,7 @@ class GenerativeTrainer:
         else:
             self.objective = LinearFlow()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.step = 0
-        self.history: List[Dict[str, Any]] = []
-        self.log_path = os.path.join(cfg.output, "log.jsonl")
+        self.init_loop()
 
     def meta(self) -> Dict[str, Any]:
         return {"model": self.cfg.model, "model_kwargs": self.model_kwargs, "classes": self.classes,
@@ -181,22 +178,22 @@ class GenerativeTrainer:
         return save_checkpoint(self.cfg.output, self.step, self.model, self.meta(), state, ema=self.ema,
                                keep=self.cfg.keep_checkpoints)
 
-    def try_resume(self) -> bool:
-        ckpt = latest_checkpoint(self.cfg.output)
-        if ckpt is None:
-            return False
-        state = load_training_state(ckpt)
-        load_checkpoint(self.model, ckpt)
+    def restore(self, checkpoint_dir: str) -> int:
+        state = load_training_state(checkpoint_dir)
+        load_checkpoint(self.model, checkpoint_dir)
         if self.ema is not None:
-            load_checkpoint(self.ema, os.path.join(ckpt, EMA_NAME))
+            load_checkpoint(self.ema, os.path.join(checkpoint_dir, EMA_NAME))
         self.optimizer.load_state_dict(state["optimizer"])
-        self.step = int(state["step"])
-        if os.path.isfile(self.log_path):   # drop log lines written after the checkpoint
-            with open(self.log_path) as f:
-                self.history = [r for r in map(json.loads, filter(str.strip, f)) if r.get("step", 0) <= self.step]
-            with open(self.log_path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in self.history)
-        return True
+        return int(state["step"])
+
+    def trained_module(self) -> nn.Module:
+        return self.model
+
+    def time_limit_s(self) -> float:
+        return 60.0 * self.cfg.max_minutes
+
+    def summary_extras(self) -> Dict[str, Any]:
+        return {"objective": self.cfg.objective, "params": sum(p.numel() for p in self.model.parameters())}
 
     def losses(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> Dict[str, torch.Tensor]:
         """Per-sample loss terms of one batch; t and noise drawn from `generator`."""
@@ -219,10 +216,7 @@ class GenerativeTrainer:
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
             terms = self.losses(x, y, g)
         loss = terms["loss"].mean()
-        value = loss.item()
-        if not math.isfinite(value):
-            raise NonFiniteLossError(f"loss is {value} at step {self.step}; training stopped, nothing was saved "
-                                     f"after the last good checkpoint in {os.path.join(cfg.output, 'checkpoints')}")
+        self.check_loss(loss.item())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_grad:
@@ -233,59 +227,6 @@ class GenerativeTrainer:
             decay = min(cfg.ema_decay, (1 + self.step) / (10 + self.step)) if cfg.ema_warmup else cfg.ema_decay
             ema_update(self.ema, self.model, decay)
         return {k: v.mean().item() for k, v in terms.items()}
-
-    def log(self, record: Dict[str, Any]) -> None:
-        self.history.append(record)
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def fit(self) -> Dict[str, Any]:
-        cfg = self.cfg
-        os.makedirs(cfg.output, exist_ok=True)
-        resumed = cfg.resume and self.try_resume()
-        if not resumed and os.path.isfile(self.log_path):
-            os.remove(self.log_path)
-        with open(os.path.join(cfg.output, "config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
-        stop_at = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
-        bar = tqdm(total=stop_at, initial=self.step, disable=not cfg.progress, desc=cfg.objective, unit="step",
-                   dynamic_ncols=True)
-        window: Dict[str, float] = {}
-        window_n, window_t, start = 0, time.perf_counter(), time.perf_counter()
-        self.model.train()
-        while self.step < stop_at:
-            epoch = self.step // self.steps_per_epoch
-            self.train_set.epoch = self.sampler.epoch = epoch
-            self.sampler.start_batch = self.step % self.steps_per_epoch
-            loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=cfg.num_workers)
-            for x, y in loader:
-                for k, v in self.train_step(x, y).items():
-                    window[k] = window.get(k, 0.0) + v
-                window_n += 1
-                bar.update(1)
-                if cfg.max_minutes > 0 and time.perf_counter() - start >= 60 * cfg.max_minutes:
-                    stop_at = self.step
-                if self.step % cfg.log_every == 0 or self.step == stop_at:
-                    elapsed = time.perf_counter() - window_t
-                    record = {"step": self.step, "epoch": self.step / self.steps_per_epoch,
-                              **{k: v / window_n for k, v in window.items()},
-                              "img_per_s": window_n * cfg.batch_size / max(elapsed, 1e-9)}
-                    self.log(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}")
-                    window, window_n, window_t = {}, 0, time.perf_counter()
-                epoch_end = self.step % self.steps_per_epoch == 0
-                if epoch_end or (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == stop_at:
-                    self.save()
-                if self.step >= stop_at:
-                    break
-        bar.close()
-        summary = {"steps": self.step, "epochs": self.step / self.steps_per_epoch, "resumed": resumed,
-                   "objective": cfg.objective, "train_seconds": time.perf_counter() - start,
-                   "params": sum(p.numel() for p in self.model.parameters()),
-                   "final_loss": next((r["loss"] for r in reversed(self.history) if "loss" in r), None)}
-        with open(os.path.join(cfg.output, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        return summary
 
 
 def train_generative(cfg: GenerateConfig) -> Dict[str, Any]:
