@@ -17,10 +17,10 @@ import shutil
 import time
 
 import torch
-import torch.nn.functional as F
 
 from llamavit.train.aim_pretrain import AIMPretrainer, PretrainConfig
 from llamavit.train.probe import Prober, ProbeConfig
+from pretrain_timing import pretrain_vs_supervised_step  # bench/ helper
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRUNK = dict(patch_size=4, embed_dim=96, depth=6, num_heads=3, probe_layers=3)
@@ -32,31 +32,6 @@ def pretrain_config(args, epochs: int, output: str) -> PretrainConfig:
                           train_subset=args.train_subset, output=output, progress=not args.smoke, log_every=20,
                           keep_checkpoints=1000)
 
-
-def step_times(trainer: AIMPretrainer, steps: int) -> dict:
-    """Median seconds of a pre-training step and of a supervised step (CE on the probe head) of the same trunk."""
-    images = next(iter(torch.utils.data.DataLoader(trainer.train_set, batch_size=trainer.cfg.batch_size)))[0]
-    model = trainer.model
-    model.reset_classifier(10)
-    labels = torch.randint(0, 10, (images.shape[0],))
-    opt = torch.optim.AdamW(model.parameters(), lr=0.0)
-
-    def supervised():
-        loss = F.cross_entropy(model(images), labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    out = {}
-    for name, fn in (("pretrain", lambda: trainer.train_step(images)), ("supervised", supervised)):
-        times = []
-        for _ in range(steps):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        out[name] = sorted(times[1:])[len(times[1:]) // 2]
-    model.reset_classifier(0)
-    return out
 
 
 def probe(args, checkpoint=None, output="") -> dict:
@@ -90,7 +65,7 @@ def main() -> None:
 
     # calibrate the step time, then size the run to the budget
     calib = AIMPretrainer(pretrain_config(args, 1, os.path.join(args.output, "calibration")))
-    times = step_times(calib, steps=6)
+    times = pretrain_vs_supervised_step(calib, calib.cfg.batch_size, steps=6)
     per_epoch = (args.train_subset or 60000) // 128
     steps = max(args.checkpoints, int(args.pretrain_min * 60 / (1.08 * times["pretrain"])))
     epochs = max(1, round(steps / per_epoch))

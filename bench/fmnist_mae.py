@@ -19,12 +19,12 @@ import shutil
 import time
 
 import torch
-import torch.nn.functional as F
 
 from llamavit.train import TrainConfig, train
 from llamavit.train.aim_pretrain import PretrainConfig
 from llamavit.train.mae import MAE_DEFAULTS, MAEPretrainer
 from llamavit.train.probe import finetune
+from pretrain_timing import pretrain_vs_supervised_step  # bench/ helper
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODEL = "visionllama_small_patch16_224"
@@ -49,30 +49,6 @@ def supervised_config(args, epochs: int, output: str, checkpoint=None) -> TrainC
                        output=output, seed=args.seed, progress=not args.smoke)
 
 
-def step_times(trainer: MAEPretrainer, steps: int) -> dict:
-    """Median seconds of an MAE step and of a supervised step (cross-entropy, all weights) of the same trunk."""
-    images = next(iter(torch.utils.data.DataLoader(trainer.train_set, batch_size=BATCH)))[0]
-    model = trainer.model
-    model.reset_classifier(10)
-    labels = torch.randint(0, 10, (images.shape[0],))
-    opt = torch.optim.AdamW(model.parameters(), lr=0.0)
-
-    def supervised():
-        loss = F.cross_entropy(model(images), labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    out = {}
-    for name, fn in (("mae", lambda: trainer.train_step(images)), ("supervised", supervised)):
-        times = []
-        for _ in range(steps):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        out[name] = sorted(times[1:])[len(times[1:]) // 2]
-    return out
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,7 +69,8 @@ def main() -> None:
     shutil.rmtree(args.output, ignore_errors=True)
     t0 = time.perf_counter()
 
-    times = step_times(MAEPretrainer(pretrain_config(args, 1, os.path.join(args.output, "calibration"))), steps=6)
+    calibration = MAEPretrainer(pretrain_config(args, 1, os.path.join(args.output, "calibration")))
+    times = pretrain_vs_supervised_step(calibration, BATCH, steps=6)
     epoch_steps = (args.train_subset or 60000) // BATCH
     budget_s = args.budget_min * 60 / 1.08  # data loading and the final evaluation take the rest
 
@@ -101,9 +78,9 @@ def main() -> None:
         return max(1, round(seconds / (step_s * epoch_steps)))
 
     plan = {"scratch": epochs_for(budget_s, times["supervised"]),
-            "mae_pretrain": epochs_for(budget_s * args.pretrain_frac, times["mae"]),
+            "mae_pretrain": epochs_for(budget_s * args.pretrain_frac, times["pretrain"]),
             "mae_finetune": epochs_for(budget_s * (1 - args.pretrain_frac), times["supervised"])}
-    print(f"calibration: {times['mae'] * 1000:.0f} ms/MAE step, {times['supervised'] * 1000:.0f} ms/supervised "
+    print(f"calibration: {times['pretrain'] * 1000:.0f} ms/MAE step, {times['supervised'] * 1000:.0f} ms/supervised "
           f"step -> epochs {plan}")
 
     arms = {}
@@ -132,7 +109,7 @@ def main() -> None:
     shutil.copyfile(recon, os.path.join(args.results, "fmnist_mae_reconstructions.png"))
     result = {"benchmark": "fmnist_mae", "smoke": args.smoke, "threads": args.threads, "torch": torch.__version__,
               "model": MODEL, "trunk": TRUNK, "budget_min_per_arm": args.budget_min,
-              "pretrain_frac": args.pretrain_frac, "ms_per_mae_step": times["mae"] * 1000,
+              "pretrain_frac": args.pretrain_frac, "ms_per_mae_step": times["pretrain"] * 1000,
               "ms_per_supervised_step": times["supervised"] * 1000,
               "mae_config": pretrainer.cfg.to_dict(), "arms": arms,
               "mae_gain_points": arms["mae_then_finetune"]["top1"] - arms["scratch"]["top1"],
