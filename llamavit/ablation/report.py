@@ -28,7 +28,9 @@ def summarize_ladder(result: Dict[str, Any]) -> List[Dict[str, Any]]:
                      "attention_rank": _mean_std([r["attention_rank"]["mean_rank"] for r in runs]),
                      "effective_rank": _mean_std([r["attention_rank"]["mean_effective_rank"] for r in runs]),
                      "num_tokens": runs[0]["attention_rank"]["num_tokens"],
-                     "seconds": statistics.fmean(r["seconds"] for r in runs)})
+                     # wall time of runs trained start to finish here (a resumed run's counts only its tail)
+                     "seconds": statistics.fmean(fresh) if (fresh := [r["seconds"] for r in runs
+                                                                      if not r.get("resumed")]) else None})
     return rows
 
 
@@ -40,12 +42,12 @@ def _pm(stat: Dict[str, float], digits: int) -> str:
 
 def format_ladder_table(rows: List[Dict[str, Any]], markdown: bool = True) -> str:
     header = ["rung", "change", "params", "top-1 (%)", "final train loss", "attention", "attn rank",
-              "effective rank", "s / run"]
+              "effective rank", "s / run (not resumed)"]
     lines = []
     for r in rows:
         lines.append([r["rung"], r["change"], f"{r['params']:,}", _pm(r["top1"], 2), _pm(r["final_train_loss"], 4),
                       r["attention"], f"{_pm(r['attention_rank'], 1)} / {r['num_tokens']}",
-                      _pm(r["effective_rank"], 2), f"{r['seconds']:.0f}"])
+                      _pm(r["effective_rank"], 2), "-" if r["seconds"] is None else f"{r['seconds']:.0f}"])
     if markdown:
         out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         return "\n".join(out + ["| " + " | ".join(row) + " |" for row in lines])
@@ -69,7 +71,8 @@ def rank_comparison(rows: List[Dict[str, Any]]) -> Dict[str, Dict[str, float]]:
 
 
 def plot_ladder_curves(result: Dict[str, Any], path: str) -> None:
-    """Training loss and validation top-1 against epoch, one colour per rung, one line per seed."""
+    """Left: training loss against epoch, one colour per rung, one line per seed. Right: each rung's final
+    validation top-1, one marker per seed and a bar at the mean."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -78,23 +81,29 @@ def plot_ladder_curves(result: Dict[str, Any], path: str) -> None:
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, name in enumerate(names):
         colour = plt.cm.tab10(i % 10)
-        for j, run in enumerate(r for r in result["runs"] if r["rung"] == name):
+        runs = [r for r in result["runs"] if r["rung"] == name]
+        for j, run in enumerate(runs):
             c = run["curves"]
-            label = name if j == 0 else None
-            ax_loss.plot(c["epoch"], c["loss"], color=colour, alpha=0.8, lw=1, label=label,
+            ax_loss.plot(c["epoch"], c["loss"], color=colour, alpha=0.8, lw=1, label=name if j == 0 else None,
                          ls="-" if j == 0 else "--")
-            if c["val_epoch"]:
-                ax_acc.plot(c["val_epoch"], c["val_top1"], "o-" if j == 0 else "s--", color=colour, ms=3, label=label)
+        if runs:
+            top1 = [r["top1"] for r in runs]
+            ax_acc.bar(i, sum(top1) / len(top1), color=colour, alpha=0.35)
+            ax_acc.plot([i] * len(top1), top1, "o", color=colour, ms=4)
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("training loss")
-    ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylabel("validation top-1 (%)")
+    ax_loss.legend(fontsize=7, loc="upper right")
+    ax_acc.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+    ax_acc.set_ylabel("final validation top-1 (%)")
+    finals = [r["top1"] for r in result["runs"]]
+    if finals:
+        ax_acc.set_ylim(max(0.0, min(finals) - 5), min(100.0, max(finals) + 2))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
-    ax_acc.legend(fontsize=7, loc="lower right")
     budget = result["budget"]
     fig.suptitle(f"{result['model']} ladder on {budget['data']}: {budget['epochs']} epoch(s), "
-                 f"train images {budget['train_images']}, seeds {result['seeds']} (solid: first seed)", fontsize=9)
+                 f"train images {budget['train_images']}, seeds {result['seeds']} (solid: first seed; dots: seeds, "
+                 f"bars: mean)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
