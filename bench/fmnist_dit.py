@@ -12,6 +12,9 @@ the samples were generated for. Writes bench/results/fmnist_dit.json and a grid 
 
     python bench/fmnist_dit.py                 # ~2 h on 2 cores: classifier ~8 min, 2 x 45 min training,
                                                # 2 x ~8 min sampling (1000 samples, DDIM 50, CFG 1.5)
+    python bench/fmnist_dit.py --threads 1 --budget-min 35 --classifier runs/fmnist_illama
+                                               # the recorded run: bench/fmnist_illama's 90.5 % iLLaMA as
+                                               # the feature classifier, one core, ~85 min
     python bench/fmnist_dit.py --smoke         # ~1 min: tiny subsets and models, checks the pipeline only
 """
 import argparse
