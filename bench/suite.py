@@ -8,7 +8,9 @@ rounds (bench/throughput.py helpers; medians over the rounds where other process
 - training memory per image: bytes of the activations autograd saves for backward (saved-tensor hooks,
   the part of training memory that grows with the batch), and the fixed parameter + gradient + AdamW
   state bytes;
-- with --compile, the same throughputs of torch.compile'd models.
+- with --compile, the same throughputs of torch.compile'd models;
+- with --profile, for every pair where ours misses a target (eval < 1.0x the peer or < 80 % of the
+  matmul peak): torch.profiler's top ops (self CPU ms per forward) of both models, eager eval.
 Prints a markdown table; writes bench/results/suite.json (or --out).
 
     python bench/suite.py                 # named tiny/small sizes, batch 32, 2 threads (~15 min quiet)
@@ -28,7 +30,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from throughput import flop_counter, load_average, machine_info, matmul_peak, timed  # noqa: E402
+from throughput import flop_counter, load_average, machine_info, matmul_peak, profile_ops, timed  # noqa: E402
 
 import llamavit  # noqa: E402
 
@@ -106,7 +108,11 @@ def train_step_fn(model: nn.Module, batch: int) -> Callable[[], None]:
     return step
 
 
-def bench_pair(pair, batch: int, rounds: int, max_seconds: float, peak: float, compile_: bool) -> dict:
+EVAL_RATIO_TARGET, PEAK_FRACTION_TARGET = 1.0, 0.8
+
+
+def bench_pair(pair, batch: int, rounds: int, max_seconds: float, peak: float, compile_: bool,
+               profile: bool = False) -> dict:
     group, (ours, ours_kw), (peer, peer_kw) = pair
     models = {ours: build(ours, ours_kw), peer: build(peer, peer_kw)}
     res = {"group": group, "ours": ours, "peer": peer, "models": {}}
@@ -134,6 +140,14 @@ def bench_pair(pair, batch: int, rounds: int, max_seconds: float, peak: float, c
         o, p = res["models"][ours], res["models"][peer]
         res[f"{variant}_eval_ratio"] = o[f"{variant}_eval_img_s"] / p[f"{variant}_eval_img_s"]
         res[f"{variant}_train_ratio"] = o[f"{variant}_train_img_s"] / p[f"{variant}_train_img_s"]
+    o = res["models"][ours]
+    res["missed_targets"] = [name for name, missed in (
+        ("eval_ratio", res["eager_eval_ratio"] < EVAL_RATIO_TARGET),
+        ("frac_matmul_peak", o["eager_eval_frac_matmul_peak"] < PEAK_FRACTION_TARGET)) if missed]
+    if profile and res["missed_targets"]:
+        for name, m in models.items():
+            m.eval()
+            res["models"][name]["profile_top_ops"] = profile_ops(m, x, iters=2, top=10)
     return res
 
 
@@ -155,6 +169,15 @@ def markdown(res: dict) -> str:
             lines.append(f"| {pair['group'] if name == pair['ours'] else ''} | {name} | {m['params'] / 1e6:.1f}M | "
                          f"{m['gflop_per_img']:.2f} | {m['saved_activation_mb_per_img']:.1f} | " + " | ".join(cells) +
                          f" | {ratios} |")
+    for pair in res["pairs"]:
+        if pair.get("missed_targets"):
+            lines.append(f"\n{pair['group']} misses {', '.join(pair['missed_targets'])}.")
+        for name in (pair["ours"], pair["peer"]):
+            ops = pair["models"][name].get("profile_top_ops")
+            if ops:
+                lines.append(f"- {name}: " + ", ".join(
+                    f"{o['op']} {o['self_ms_per_fwd']:.0f} ms ({o['self_pct']:.0f}%, {o['calls_per_fwd']:.0f} calls)"
+                    for o in ops[:8]))
     return "\n".join(lines)
 
 
@@ -165,6 +188,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-seconds", type=float, default=60.0, help="extra time per pair to collect quiet rounds")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    ap.add_argument("--profile", action="store_true", help="profile the pairs where ours misses a target")
     ap.add_argument("--only", nargs="*", help="groups to run (substring match)")
     ap.add_argument("--quick", action="store_true", help="small common size, batch 4, 1 round: a smoke run")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "suite.json"))
@@ -181,7 +205,7 @@ def main(argv=None) -> int:
            "matmul_peak": matmul_peak(2048 if args.quick else 4096, max(args.rounds, 3), 0.0), "pairs": []}
     for pair in pairs:
         res["pairs"].append(bench_pair(pair, args.batch, args.rounds, args.max_seconds,
-                                       res["matmul_peak"]["gflops_per_s"], args.compile))
+                                       res["matmul_peak"]["gflops_per_s"], args.compile, args.profile))
         done = res["pairs"][-1]
         print(f"{pair[0]} vs {pair[2][0]}: " + ", ".join(
             f"{v} eval {done[f'{v}_eval_ratio']:.2f}x train {done[f'{v}_train_ratio']:.2f}x"
