@@ -9,6 +9,7 @@ and fmnist_aim.png.
 
     python bench/fmnist_aim.py                    # ~45 min: 30 min pre-training + probes
     python bench/fmnist_aim.py --smoke            # a one-minute check of the whole pipeline
+    python bench/fmnist_aim.py --reprobe          # probe an existing run's checkpoints again (~25 min)
 """
 import argparse
 import json
@@ -38,31 +39,13 @@ def probe(args, checkpoint=None, output="") -> dict:
     cfg = ProbeConfig(checkpoint=checkpoint, model=None if checkpoint else "aim_600m_patch14_224",
                       model_kwargs={} if checkpoint else TRUNK, img_size=0 if checkpoint else 28,
                       in_chans=0 if checkpoint else 1, head="attentive", epochs=args.probe_epochs, batch_size=256,
-                      lr=1e-3, train_subset=args.train_subset, val_subset=args.val_subset, output=output,
+                      lr=args.probe_lr, train_subset=args.train_subset, val_subset=args.val_subset, output=output,
                       progress=not args.smoke)
     return Prober(cfg).fit()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pretrain-min", type=float, default=30.0, help="pre-training budget in minutes")
-    ap.add_argument("--checkpoints", type=int, default=5, help="checkpoints saved (and probed) along the way")
-    ap.add_argument("--probe-epochs", type=int, default=5)
-    ap.add_argument("--train-subset", type=int, default=0)
-    ap.add_argument("--val-subset", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--output", default="runs/fmnist_aim")
-    ap.add_argument("--results", default=os.path.join(HERE, "results"))
-    ap.add_argument("--smoke", action="store_true", help="tiny subsets, a few steps: checks the pipeline only")
-    args = ap.parse_args()
-    if args.smoke:
-        args.pretrain_min, args.checkpoints, args.probe_epochs = 0.3, 2, 1
-        args.train_subset, args.val_subset = args.train_subset or 1024, args.val_subset or 512
-        args.results = os.path.join(args.output, "results")
-    t0 = time.perf_counter()
-    torch.set_num_threads(args.threads)
-    shutil.rmtree(args.output, ignore_errors=True)
-
+def pretrain(args):
+    """Calibrate the step time, size the run to the budget, pre-train; (trainer, step times, seconds, summary)."""
     # calibrate the step time, then size the run to the budget
     calib = AIMPretrainer(pretrain_config(args, 1, os.path.join(args.output, "calibration")))
     times = pretrain_vs_supervised_step(calib, calib.cfg.batch_size, steps=6)
@@ -76,7 +59,43 @@ def main() -> None:
           f"ms/supervised step -> {epochs} epochs ({trainer.total_steps} steps)")
     t_pre = time.perf_counter()
     summary = trainer.fit()
-    pretrain_s = time.perf_counter() - t_pre
+    return trainer, times, time.perf_counter() - t_pre, summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pretrain-min", type=float, default=30.0, help="pre-training budget in minutes")
+    ap.add_argument("--checkpoints", type=int, default=5, help="checkpoints saved (and probed) along the way")
+    ap.add_argument("--probe-epochs", type=int, default=20, help="probe epochs (on cached features: cheap)")
+    ap.add_argument("--probe-lr", type=float, default=3e-3)
+    ap.add_argument("--reprobe", action="store_true",
+                    help="probe the checkpoints of an existing --output run again (no pre-training); the "
+                         "pre-training figures are kept from the existing results JSON")
+    ap.add_argument("--train-subset", type=int, default=0)
+    ap.add_argument("--val-subset", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--output", default="runs/fmnist_aim")
+    ap.add_argument("--results", default=os.path.join(HERE, "results"))
+    ap.add_argument("--smoke", action="store_true", help="tiny subsets, a few steps: checks the pipeline only")
+    args = ap.parse_args()
+    if args.smoke:
+        args.pretrain_min, args.checkpoints, args.probe_epochs = 0.3, 2, 1
+        args.train_subset, args.val_subset = args.train_subset or 1024, args.val_subset or 512
+        args.results = os.path.join(args.output, "results")
+    t0 = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    json_path = os.path.join(args.results, "fmnist_aim.json")
+    if args.reprobe:
+        with open(json_path) as f:
+            previous = json.load(f)
+        trainer = AIMPretrainer(PretrainConfig.from_dict(previous["pretrain_config"]))
+        trainer.cfg.ckpt_every = previous["pretrain_config"]["ckpt_every"]
+        times = {"pretrain": previous["ms_per_pretrain_step"] / 1000,
+                 "supervised": previous["ms_per_supervised_step"] / 1000}
+        pretrain_s, summary = previous["pretrain_wall_s"], {"final_loss": previous["pretrain_final_loss"]}
+    else:
+        shutil.rmtree(args.output, ignore_errors=True)
+        trainer, times, pretrain_s, summary = pretrain(args)
 
     # probe every checkpoint and the random trunk
     ckpt_root = os.path.join(trainer.cfg.output, "checkpoints")
@@ -103,8 +122,9 @@ def main() -> None:
               "gain_over_random": points[-1]["probe_top1"] - random_top1, "loss_vs_probe_pearson": corr,
               "ms_per_pretrain_step": times["pretrain"] * 1000, "ms_per_supervised_step": times["supervised"] * 1000,
               "pretrain_over_supervised_step_time": times["pretrain"] / times["supervised"],
-              "wall_clock_s": time.perf_counter() - t0}
-    with open(os.path.join(args.results, "fmnist_aim.json"), "w") as f:
+              "probe": {"head": "attentive", "epochs": args.probe_epochs, "lr": args.probe_lr, "batch_size": 256},
+              "reprobed": args.reprobe, "wall_clock_s": time.perf_counter() - t0}
+    with open(json_path, "w") as f:
         json.dump(result, f, indent=2)
     plot(points, random_top1, os.path.join(args.results, "fmnist_aim.png"))
     print(json.dumps({k: v for k, v in result.items() if k not in ("pretrain_config", "checkpoints")}, indent=2))
