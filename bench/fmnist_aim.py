@@ -45,7 +45,7 @@ def probe(args, checkpoint=None, output="") -> dict:
 
 
 def pretrain(args):
-    """Calibrate the step time, size the run to the budget, pre-train; (trainer, step times, seconds, summary)."""
+    """Calibrate the step time, size the run to the budget, pre-train; (config, step times, seconds, summary)."""
     # calibrate the step time, then size the run to the budget
     calib = AIMPretrainer(pretrain_config(args, 1, os.path.join(args.output, "calibration")))
     times = pretrain_vs_supervised_step(calib, calib.cfg.batch_size, steps=6)
@@ -59,7 +59,7 @@ def pretrain(args):
           f"ms/supervised step -> {epochs} epochs ({trainer.total_steps} steps)")
     t_pre = time.perf_counter()
     summary = trainer.fit()
-    return trainer, times, time.perf_counter() - t_pre, summary
+    return trainer.cfg, times, time.perf_counter() - t_pre, summary
 
 
 def main() -> None:
@@ -86,25 +86,27 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     json_path = os.path.join(args.results, "fmnist_aim.json")
     if args.reprobe:
+        if not os.path.isfile(json_path):
+            raise SystemExit(f"--reprobe needs the results of a finished run: {json_path} does not exist")
         with open(json_path) as f:
             previous = json.load(f)
-        trainer = AIMPretrainer(PretrainConfig.from_dict(previous["pretrain_config"]))
-        trainer.cfg.ckpt_every = previous["pretrain_config"]["ckpt_every"]
+        cfg = PretrainConfig.from_dict(previous["pretrain_config"])
         times = {"pretrain": previous["ms_per_pretrain_step"] / 1000,
                  "supervised": previous["ms_per_supervised_step"] / 1000}
         pretrain_s, summary = previous["pretrain_wall_s"], {"final_loss": previous["pretrain_final_loss"]}
     else:
         shutil.rmtree(args.output, ignore_errors=True)
-        trainer, times, pretrain_s, summary = pretrain(args)
+        cfg, times, pretrain_s, summary = pretrain(args)
 
     # probe every checkpoint and the random trunk
-    ckpt_root = os.path.join(trainer.cfg.output, "checkpoints")
-    history = [json.loads(line) for line in open(os.path.join(trainer.cfg.output, "log.jsonl"))]
+    ckpt_root = os.path.join(cfg.output, "checkpoints")
+    history = [json.loads(line) for line in open(os.path.join(cfg.output, "log.jsonl"))]
+    steps_per_epoch = (cfg.train_subset or 60000) // cfg.batch_size
     points = []
     for name in sorted(d for d in os.listdir(ckpt_root) if d.startswith("step-")):
         step = int(name.split("-")[1])
         # the loss over the last ~epoch of steps before the checkpoint
-        span = min(trainer.steps_per_epoch, trainer.cfg.ckpt_every)
+        span = min(steps_per_epoch, cfg.ckpt_every)
         window = [r["loss"] for r in history if "loss" in r and step - span < r["step"] <= step]
         result = probe(args, os.path.join(ckpt_root, name), os.path.join(args.output, "probe", name))
         points.append({"step": step, "pretrain_loss": sum(window) / max(1, len(window)),
@@ -116,7 +118,7 @@ def main() -> None:
 
     os.makedirs(args.results, exist_ok=True)
     result = {"benchmark": "fmnist_aim", "smoke": args.smoke, "threads": args.threads, "torch": torch.__version__,
-              "trunk": TRUNK, "pretrain_config": trainer.cfg.to_dict(), "pretrain_wall_s": pretrain_s,
+              "trunk": TRUNK, "pretrain_config": cfg.to_dict(), "pretrain_wall_s": pretrain_s,
               "pretrain_final_loss": summary["final_loss"], "checkpoints": points,
               "final_probe_top1": points[-1]["probe_top1"], "random_trunk_probe_top1": random_top1,
               "gain_over_random": points[-1]["probe_top1"] - random_top1, "loss_vs_probe_pearson": corr,
