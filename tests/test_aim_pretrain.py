@@ -157,3 +157,21 @@ def test_cli_pretrain_illama(tmp_path, capsys):
     assert code == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 4
     assert (out / "checkpoints" / "latest").is_file()
+
+
+def test_nan_loss_stops_pretraining_and_keeps_the_last_good_checkpoint(tmp_path):
+    from llamavit.train.loop import NonFiniteLossError
+    trainer = AIMPretrainer(tiny_cfg(tmp_path, ckpt_every=2))
+    real_forward, calls = trainer.objective.forward, []
+
+    def nan_from_step_3(images, prefix):
+        calls.append(1)
+        loss, preds, targets = real_forward(images, prefix)
+        return (loss * float("nan") if len(calls) > 3 else loss), preds, targets
+
+    trainer.objective.forward = nan_from_step_3
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 3; training stopped, nothing was saved after "
+                                                 r"the last good checkpoint in .*checkpoints"):
+        trainer.fit()
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert saved == ["step-00000002"]

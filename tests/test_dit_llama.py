@@ -273,3 +273,17 @@ def test_generate_train_on_a_latents_file(tmp_path, capsys):
     torch.save({"x": torch.zeros(1)}, bad)
     assert main(["generate", "train", *MODEL_FLAGS, "--data", str(bad), "--output", str(run)]) == 2
     assert "'latents'" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_generative_training(tmp_path):
+    from llamavit.train.generate import GenerateConfig, GenerativeTrainer
+    from llamavit.train.loop import NonFiniteLossError
+    cfg = GenerateConfig(model="dit_llama_s_2", model_kwargs={k: v for k, v in TINY.items()
+                                                              if k not in ("img_size", "in_chans", "num_classes")},
+                         data="synthetic", img_size=16, epochs=1, batch_size=8, output=str(tmp_path / "run"),
+                         progress=False)
+    trainer = GenerativeTrainer(cfg)
+    trainer.losses = lambda x, y, g: {"loss": torch.full((x.shape[0],), float("inf"))}
+    with pytest.raises(NonFiniteLossError, match=r"loss is inf at step 0; training stopped"):
+        trainer.fit()
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
