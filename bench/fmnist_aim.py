@@ -93,7 +93,7 @@ def main() -> None:
         cfg = PretrainConfig.from_dict(previous["pretrain_config"])
         times = {"pretrain": previous["ms_per_pretrain_step"] / 1000,
                  "supervised": previous["ms_per_supervised_step"] / 1000}
-        pretrain_s, summary = previous["pretrain_wall_s"], {"final_loss": previous["pretrain_final_loss"]}
+        pretrain_s, summary = previous["pretrain_wall_s"], {"final_train_loss": previous["pretrain_final_loss"]}
     else:
         shutil.rmtree(args.output, ignore_errors=True)
         cfg, times, pretrain_s, summary = pretrain(args)
@@ -119,7 +119,7 @@ def main() -> None:
     os.makedirs(args.results, exist_ok=True)
     result = {"benchmark": "fmnist_aim", "smoke": args.smoke, "threads": args.threads, "torch": torch.__version__,
               "trunk": TRUNK, "pretrain_config": cfg.to_dict(), "pretrain_wall_s": pretrain_s,
-              "pretrain_final_loss": summary["final_loss"], "checkpoints": points,
+              "pretrain_final_loss": summary["final_train_loss"], "checkpoints": points,
               "final_probe_top1": points[-1]["probe_top1"], "random_trunk_probe_top1": random_top1,
               "gain_over_random": points[-1]["probe_top1"] - random_top1, "loss_vs_probe_pearson": corr,
               "ms_per_pretrain_step": times["pretrain"] * 1000, "ms_per_supervised_step": times["supervised"] * 1000,

@@ -103,7 +103,7 @@ def main() -> None:
         idx = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(10)])
         save_grid(samples[idx], grid, nrow=min(per_class, len(idx) // 10 or 1))
         result["models"][key] = {"model": name, "params": summary["params"], "steps": summary["steps"],
-                                 "train_seconds": summary["train_seconds"], "final_loss": summary["final_loss"],
+                                 "train_seconds": summary["train_seconds"], "final_loss": summary["final_train_loss"],
                                  "sample_seconds": sample_s, "grid": os.path.relpath(grid, HERE), **metrics}
         print(f"{key}: {summary['steps']} steps, FID(classifier) {metrics['fid']:.3f}, "
               f"conditional accuracy {metrics['accuracy']:.1f}%")

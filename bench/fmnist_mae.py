@@ -101,7 +101,7 @@ def main() -> None:
     arms["mae_then_finetune"] = {"pretrain_epochs": plan["mae_pretrain"], "finetune_epochs": plan["mae_finetune"],
                                  "pretrain_wall_s": pretrain_s, "finetune_wall_s": time.perf_counter() - t,
                                  "wall_s": pretrain_s + time.perf_counter() - t,
-                                 "pretrain_final_loss": pre["final_loss"], "top1": tuned["val_top1"],
+                                 "pretrain_final_loss": pre["final_train_loss"], "top1": tuned["val_top1"],
                                  "final_train_loss": tuned["final_train_loss"]}
     print(f"mae: {arms['mae_then_finetune']}")
 

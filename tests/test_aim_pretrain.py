@@ -160,7 +160,7 @@ def test_cli_pretrain_illama(tmp_path, capsys):
 
 
 def test_nan_loss_stops_pretraining_and_keeps_the_last_good_checkpoint(tmp_path):
-    from llamavit.train.loop import NonFiniteLossError
+    from llamavit.train import NonFiniteLossError
     trainer = AIMPretrainer(tiny_cfg(tmp_path, ckpt_every=2))
     real_forward, calls = trainer.objective.forward, []
 

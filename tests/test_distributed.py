@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from llamavit.train.loop import EpochBatchSampler
+from llamavit.train.step_loop import EpochBatchSampler
 
 MODEL_ARGS = ["--model", "visionllama_small_patch16_224", "--model-kwargs", "embed_dim=32", "depth=2", "num_heads=2",
               "patch_size=8", "mlp_multiple_of=8", "--img-size", "32"]

@@ -157,7 +157,7 @@ def test_bf16_autocast_step_trains(tmp_path):
     images = torch.randn(16, 3, 32, 32)
     targets = torch.arange(16) % 4
     before = trainer.model.head.weight.detach().clone()
-    loss = trainer.train_step(images, targets)
+    loss = trainer.train_step(images, targets)["loss"]
     assert np.isfinite(loss) and trainer.step == 1
     assert trainer.model.head.weight.dtype == torch.float32  # autocast leaves the master weights in fp32
     assert not torch.equal(before, trainer.model.head.weight)

@@ -27,8 +27,7 @@ from ..models import create_model, load_checkpoint
 from .aim_objective import AutoregressiveObjective, DecoderConfig, patchify, sample_prefix_lengths, unpatchify
 from .checkpoint import load_training_state, save_checkpoint
 from .config import Options
-from .loop import EpochBatchSampler, SeededAugmentation, _mix_seed, seed_everything
-from .step_loop import StepLoop
+from .step_loop import EpochBatchSampler, SeededAugmentation, StepLoop, _mix_seed, seed_everything
 
 
 @dataclass

@@ -30,8 +30,7 @@ from ..diffusion import GaussianDiffusion, LinearFlow
 from ..models import create_model, load_checkpoint
 from .checkpoint import EMA_NAME, load_training_state, save_checkpoint
 from .config import Options
-from .loop import EpochBatchSampler, SeededAugmentation, _mix_seed, seed_everything
-from .step_loop import StepLoop
+from .step_loop import EpochBatchSampler, SeededAugmentation, StepLoop, _mix_seed, seed_everything
 
 OBJECTIVES = ("ddpm", "flow")
 

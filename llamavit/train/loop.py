@@ -1,9 +1,5 @@
-"""The supervised training loop.
-
-Exact resume: the data order of epoch e is a permutation seeded by (seed, e); the augmentation of
-sample i in epoch e is seeded by (seed, e, i); dropout/drop-path/mixup at step s are seeded by
-(seed, s). A resumed run therefore sees the same batches, the same augmentations and the same
-random masks as an uninterrupted one, and logs the same losses.
+"""The supervised training loop: a StepLoop (step_loop.py: exact resume, logs, checkpoints) with
+evaluation, EMA, mixup, the soft-mask schedule, gradient accumulation and multi-process training.
 
 Under torchrun every rank walks the same global batches and trains on its slice of each (DDP, or
 FSDP2 with `fsdp`); `batch_size` is the global batch, so the loss curve does not depend on the number
@@ -12,15 +8,10 @@ hold full (gathered) tensors, so a run resumes on any world size.
 """
 import contextlib
 import itertools
-import json
-import math
 import os
-import random
-import time
 from dataclasses import asdict
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterable
 
-import numpy as np
 import torch
 import torch.nn as nn
 from timm.data import Mixup
@@ -28,79 +19,18 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset
-from tqdm import tqdm
+from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, TransformConfig, build_dataset, build_transform
 from ..eval.metrics import evaluate
 from ..models import create_model, load_checkpoint, read_state_dict
-from .checkpoint import WEIGHTS_NAME, latest_checkpoint, load_training_state, save_checkpoint
+from .checkpoint import WEIGHTS_NAME, load_training_state, save_checkpoint
 from .config import TrainConfig
 from .distributed import (DistEnv, all_reduce_sum, barrier, full_state_dicts, init_distributed, load_full_state_dicts,
                           wrap_model)
 from .plots import plot_curves
 from .schedules import soft_mask_rate
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; training stopped without writing a checkpoint."""
-
-
-def _mix_seed(*parts: int) -> int:
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
-    return h % (2 ** 31 - 1)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed the Python, NumPy and torch CPU generators (train_step also calls torch.manual_seed per step)."""
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    # the CPU generator alone: torch.manual_seed also reseeds every accelerator and costs ~90 us,
-    # too much to pay once per sample
-    torch.random.default_generator.manual_seed(seed)
-
-
-class SeededAugmentation(Dataset):
-    """Wraps a dataset so that sample i of epoch e is always augmented with the same random draws."""
-
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        seed_everything(_mix_seed(self.seed, self.epoch, index))
-        return self.dataset[index]
-
-
-class EpochBatchSampler(Sampler):
-    """Batches of a (seed, epoch)-seeded permutation, full batches only, starting at `start_batch`.
-
-    With world_size > 1, rank r gets the r-th of world_size equal slices of every global batch.
-    """
-
-    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        if num_samples < batch_size:
-            raise ValueError(f"the training set has {num_samples} images, fewer than one batch of {batch_size}")
-        if batch_size % world_size:
-            raise ValueError(f"the global batch size {batch_size} must be divisible by the {world_size} processes")
-        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.start_batch = 0, 0
-
-    def __len__(self) -> int:
-        return self.num_samples // self.batch_size - self.start_batch
-
-    def __iter__(self) -> Iterator[List[int]]:
-        g = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, 7919))
-        order = torch.randperm(self.num_samples, generator=g).tolist()
-        local = self.batch_size // self.world_size
-        for b in range(self.start_batch, self.num_samples // self.batch_size):
-            start = b * self.batch_size + self.rank * local
-            yield order[start:start + local]
+from .step_loop import EpochBatchSampler, SeededAugmentation, StepLoop, _mix_seed, seed_everything
 
 
 def transform_config(cfg: TrainConfig) -> TransformConfig:
@@ -128,7 +58,7 @@ def build_datasets(cfg: TrainConfig):
     return train, val, classes
 
 
-class Trainer:
+class Trainer(StepLoop):
     """Supervised training of one llamavit model according to a TrainConfig."""
 
     def __init__(self, cfg: TrainConfig):
@@ -184,9 +114,8 @@ class Trainer:
         else:
             self.criterion = nn.CrossEntropyLoss()
         self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
-        self.step = 0
-        self.history: List[Dict[str, Any]] = []
-        self.log_path = os.path.join(cfg.output, "log.jsonl")
+        self.init_loop()
+        self.last_eval: Dict[str, float] = {}
 
     # --- checkpoints ---------------------------------------------------------------------------
     def meta(self) -> Dict[str, Any]:
@@ -205,32 +134,63 @@ class Trainer:
         barrier(self.env)
         return path
 
-    def try_resume(self) -> bool:
-        ckpt = latest_checkpoint(self.cfg.output)
-        if ckpt is None:
-            return False
-        state = load_training_state(ckpt)
+    def restore(self, checkpoint_dir: str) -> int:
+        state = load_training_state(checkpoint_dir)
         if self.cfg.fsdp:   # sharded parameters take the full tensors through torch.distributed.checkpoint
-            load_full_state_dicts(self.model, self.optimizer, read_state_dict(os.path.join(ckpt, WEIGHTS_NAME)),
-                                  state["optimizer"])
+            load_full_state_dicts(self.model, self.optimizer,
+                                  read_state_dict(os.path.join(checkpoint_dir, WEIGHTS_NAME)), state["optimizer"])
         else:               # the usual checks: a checkpoint of another model is refused by name
-            load_checkpoint(self.model, ckpt)
+            load_checkpoint(self.model, checkpoint_dir)
             load_full_state_dicts(self.model, self.optimizer, None, state["optimizer"])
         if self.ema is not None:
-            ema_path = os.path.join(ckpt, "ema.safetensors")
-            load_checkpoint(self.ema.module, ema_path if os.path.isfile(ema_path) else ckpt)
-        self.step = int(state["step"])
-        # keep only the log lines up to the checkpoint, so the resumed log continues without duplicates
-        if self.env.is_main and os.path.isfile(self.log_path):
-            with open(self.log_path) as f:
-                kept = [json.loads(line) for line in f if line.strip()]
-            self.history = [r for r in kept if r.get("step", 0) <= self.step]
-            with open(self.log_path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in self.history)
-        return True
+            ema_path = os.path.join(checkpoint_dir, "ema.safetensors")
+            load_checkpoint(self.ema.module, ema_path if os.path.isfile(ema_path) else checkpoint_dir)
+        return int(state["step"])
+
+    # --- StepLoop hooks ------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.env.is_main
+
+    def trained_module(self) -> nn.Module:
+        return self.model
+
+    def run_config(self) -> Dict[str, Any]:
+        return {**self.cfg.to_dict(), "world_size": self.env.world_size}
+
+    def record_extras(self) -> Dict[str, Any]:
+        return {"soft_mask_rate": getattr(self.model, "soft_mask_rate", None)}
+
+    def epoch_batches(self, epoch: int, start_batch: int) -> Iterable:
+        """This rank's batches of `epoch` from batch `start_batch` on (the same ones after a resume)."""
+        if not self.streaming:
+            return super().epoch_batches(epoch, start_batch)
+        self.train_set.epoch = epoch
+        local = self.cfg.batch_size // self.env.world_size
+        loader = DataLoader(self.train_set, batch_size=local, num_workers=self.cfg.num_workers, drop_last=True)
+        return itertools.islice(loader, start_batch, self.steps_per_epoch)
+
+    def after_step(self) -> None:
+        epoch, rest = divmod(self.step, self.steps_per_epoch)
+        if rest == 0 and (epoch % self.cfg.eval_every == 0 or self.step == self.total_steps):
+            self.last_eval = self.evaluate()
+            self.log({"step": self.step, "epoch": self.step / self.steps_per_epoch, **self.last_eval})
+            if self.is_main and self.bar is not None:
+                self.bar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in self.last_eval.items()))
+            self.model.train()
+
+    def after_fit(self) -> None:
+        if self.step == self.total_steps and not self.last_eval:
+            self.last_eval = self.evaluate()
+        if self.is_main:
+            plot_curves(self.history, os.path.join(self.cfg.output, "curves.png"))
+
+    def summary_extras(self) -> Dict[str, Any]:
+        return dict(self.last_eval)
 
     # --- one step ------------------------------------------------------------------------------
-    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> float:
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> Dict[str, float]:
+        """One optimiser step on a global batch (this rank's slice of it) -> {'loss': global-batch mean}."""
         cfg = self.cfg
         if cfg.soft_mask != "none" and hasattr(self.model, "set_soft_mask_rate"):
             self.model.set_soft_mask_rate(soft_mask_rate(self.step, self.steps_per_epoch, cfg.soft_mask,
@@ -258,23 +218,14 @@ class Trainer:
             local_loss += loss.item()
         # the global-batch mean, the same on every rank (so a NaN stops every rank at once)
         value = all_reduce_sum(torch.tensor([local_loss], dtype=torch.float64), self.env).item() / self.env.world_size
-        if not math.isfinite(value):
-            raise NonFiniteLossError(f"loss is {value} at step {self.step}; training stopped, nothing was saved "
-                                     f"after the last good checkpoint in {os.path.join(cfg.output, 'checkpoints')}")
+        self.check_loss(value)
         if cfg.clip_grad:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model, step=self.step)
         self.step += 1
-        return value
-
-    def log(self, record: Dict[str, Any]) -> None:
-        self.history.append(record)
-        if not self.env.is_main:
-            return
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        return {"loss": value}
 
     def evaluate(self) -> Dict[str, float]:
         """Validation metrics over the whole set; each rank evaluates every world_size-th image."""
@@ -299,73 +250,6 @@ class Trainer:
             sums = all_reduce_sum(sums, env)
             result.update({f"{prefix}_{k}": (sums[i + 1] / sums[0]).item() for i, k in enumerate(names)})
         return result
-
-    # --- the loop ------------------------------------------------------------------------------
-    def _epoch_batches(self, epoch: int, start_batch: int):
-        """This rank's batches of `epoch` from batch `start_batch` on (the same ones after a resume)."""
-        self.train_set.epoch = epoch
-        if not self.streaming:
-            self.sampler.epoch, self.sampler.start_batch = epoch, start_batch
-            return DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=self.cfg.num_workers)
-        local = self.cfg.batch_size // self.env.world_size
-        loader = DataLoader(self.train_set, batch_size=local, num_workers=self.cfg.num_workers, drop_last=True)
-        return itertools.islice(loader, start_batch, self.steps_per_epoch)
-
-    def fit(self) -> Dict[str, Any]:
-        cfg, main = self.cfg, self.env.is_main
-        os.makedirs(cfg.output, exist_ok=True)
-        resumed = cfg.resume and self.try_resume()
-        if main:
-            if not resumed and os.path.isfile(self.log_path):
-                os.remove(self.log_path)
-            with open(os.path.join(cfg.output, "config.json"), "w") as f:
-                json.dump({**cfg.to_dict(), "world_size": self.env.world_size}, f, indent=2)
-        stop_at = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
-        bar = tqdm(total=stop_at, initial=self.step, disable=not (cfg.progress and main), desc="train", unit="step",
-                   dynamic_ncols=True)
-        last_eval: Dict[str, float] = {}
-        window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
-        self.model.train()
-        while self.step < stop_at:
-            loader = self._epoch_batches(self.step // self.steps_per_epoch, self.step % self.steps_per_epoch)
-            for images, targets in loader:
-                loss = self.train_step(images, targets)
-                window_loss, window_n = window_loss + loss, window_n + 1
-                bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == stop_at:
-                    elapsed = time.perf_counter() - window_t
-                    record = {"step": self.step, "epoch": self.step / self.steps_per_epoch,
-                              "loss": window_loss / window_n, "lr": self.optimizer.param_groups[0]["lr"],
-                              "soft_mask_rate": getattr(self.model, "soft_mask_rate", None),
-                              "img_per_s": window_n * cfg.batch_size / max(elapsed, 1e-9)}
-                    self.log(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                    img_s=f"{record['img_per_s']:.0f}")
-                    window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
-                epoch_end = self.step % self.steps_per_epoch == 0
-                if epoch_end and ((self.step // self.steps_per_epoch) % cfg.eval_every == 0 or
-                                  self.step == self.total_steps):
-                    last_eval = self.evaluate()
-                    self.log({"step": self.step, "epoch": self.step / self.steps_per_epoch, **last_eval})
-                    if main:
-                        bar.write(f"epoch {self.step // self.steps_per_epoch}: " +
-                                  ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
-                    self.model.train()
-                if epoch_end or (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == stop_at:
-                    self.save()
-                if self.step >= stop_at:
-                    break
-        bar.close()
-        if self.step == self.total_steps and not last_eval:
-            last_eval = self.evaluate()
-        summary = {"steps": self.step, "epochs": self.step / self.steps_per_epoch, "resumed": resumed,
-                   "final_train_loss": next((r["loss"] for r in reversed(self.history) if "loss" in r), None),
-                   **last_eval}
-        if main:
-            plot_curves(self.history, os.path.join(cfg.output, "curves.png"))
-            with open(os.path.join(cfg.output, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2)
-        return summary
 
 
 class _Counted:
