@@ -62,10 +62,11 @@ def main() -> None:
     cfg = TrainConfig.from_yaml(args.config, output=args.output, progress=True)
     step_s = seconds_per_step(cfg)
     steps_per_epoch = 60000 // cfg.batch_size
-    # per epoch: training steps, plus a test pass (10k images, forward only: ~1/3 the cost per image);
+    # per epoch: training steps, plus a test pass every eval_every epochs (10k images, forward only: ~1/3
+    # the cost per image);
     # the full loop (logging, per-epoch loaders, checkpoints) ran 3.5% slower than the calibration steps
     # on a quiet machine (12% with another process running): a 6% margin, plus the fixed 30 s below
-    epoch_s = 1.06 * step_s * steps_per_epoch * (1 + 10000 / 60000 / 3 * 1.2)
+    epoch_s = 1.06 * step_s * steps_per_epoch * (1 + 10000 / 60000 / 3 * 1.2 / cfg.eval_every)
     remaining = args.budget_min * 60 - (time.perf_counter() - t0) - 30  # 30 s margin for start-up and saving
     epochs = max(1, int(remaining // epoch_s))
     if args.max_epochs:
