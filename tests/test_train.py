@@ -118,6 +118,27 @@ def test_killed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert load_training_state(first)["step"] == 0
 
 
+def test_fresh_run_over_an_earlier_runs_checkpoints_keeps_its_own(tmp_path):
+    """Pruning must not sort an earlier run's later steps above the checkpoint just written."""
+    cfg = tiny_cfg(tmp_path, epochs=2, keep_checkpoints=2)
+    trainer = Trainer(cfg)
+    for step in (100, 200):   # an earlier, longer run in the same output directory
+        trainer.step = step
+        trainer.save()
+    trainer.step = 3
+    written = trainer.save()
+    assert os.path.isdir(written) and latest_checkpoint(cfg.output) == written
+    assert load_training_state(written)["step"] == 3
+    names = sorted(d for d in os.listdir(os.path.join(cfg.output, "checkpoints")) if d.startswith("step-"))
+    assert names == ["step-00000003", "step-00000100", "step-00000200"]   # nothing of either run lost
+    trainer.step = 4
+    trainer.save()
+    trainer.step = 5
+    trainer.save()   # the fresh run's own older checkpoints are pruned as usual
+    names = sorted(d for d in os.listdir(os.path.join(cfg.output, "checkpoints")) if d.startswith("step-"))
+    assert names == ["step-00000004", "step-00000005", "step-00000100", "step-00000200"]
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     cfg = tiny_cfg(tmp_path, epochs=2, ckpt_every=2)
     trainer = Trainer(cfg)

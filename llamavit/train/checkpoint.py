@@ -65,12 +65,14 @@ def save_checkpoint(run_dir: str, step: int, model: nn.Module, meta: Dict[str, A
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
     atomic_write_text(os.path.join(root, LATEST), name)
-    _prune(root, keep)
+    _prune(root, keep, name)
     return final
 
 
-def _prune(root: str, keep: int) -> None:
-    steps = sorted(d for d in os.listdir(root) if d.startswith("step-"))
+def _prune(root: str, keep: int, newest: str) -> None:
+    """Keep `newest` and the keep - 1 checkpoints before it. Later steps (left by an earlier run in the
+    same directory) are never pruned: sorting them in would delete the checkpoint just written."""
+    steps = sorted(d for d in os.listdir(root) if d.startswith("step-") and d <= newest)
     for old in steps[:-keep] if keep > 0 else []:
         shutil.rmtree(os.path.join(root, old), ignore_errors=True)
 
