@@ -9,7 +9,7 @@ length is sized to `--pretrain-min` from a short calibration; a checkpoint is ke
 
     python bench/fmnist_aim.py                    # 45 min pre-training (2 quiet cores: 15 epochs) + ~2.5 min per probe
     python bench/fmnist_aim.py --smoke            # a one-minute check of the whole pipeline
-    python bench/fmnist_aim.py --reprobe          # probe an existing run's checkpoints again (~25 min)
+    python bench/fmnist_aim.py --reprobe          # probe an existing run's checkpoints again (~2.5 min each)
 """
 import argparse
 import json
@@ -65,7 +65,8 @@ def pretrain(args):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pretrain-min", type=float, default=45.0, help="pre-training budget in minutes")
-    ap.add_argument("--checkpoints", type=int, default=5, help="checkpoints saved (and probed) along the way")
+    ap.add_argument("--checkpoints", type=int, default=5,
+                    help="besides every epoch end, a checkpoint every 1/N of the run (all are probed)")
     ap.add_argument("--probe-epochs", type=int, default=20, help="probe epochs (on cached features: cheap)")
     ap.add_argument("--probe-lr", type=float, default=3e-3)
     ap.add_argument("--reprobe", action="store_true",

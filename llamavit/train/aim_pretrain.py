@@ -27,7 +27,7 @@ from ..models import create_model, load_checkpoint
 from .aim_objective import AutoregressiveObjective, DecoderConfig, patchify, sample_prefix_lengths, unpatchify
 from .checkpoint import load_training_state, save_checkpoint
 from .config import Options
-from .step_loop import EpochBatchSampler, SeededAugmentation, StepLoop, _mix_seed, seed_everything
+from .step_loop import EpochBatchSampler, SeededAugmentation, StepLoop, mix_seed, seed_everything
 
 
 @dataclass
@@ -181,16 +181,14 @@ class AIMPretrainer(StepLoop):
 
     # --- one step ------------------------------------------------------------------------------
     def prefix_lengths(self, batch: int, num_patches: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(_mix_seed(self.cfg.seed, self.step, 31337))
+        g = torch.Generator().manual_seed(mix_seed(self.cfg.seed, self.step, 31337))
         return sample_prefix_lengths(batch, num_patches, g, self.cfg.prefix_min, self.cfg.prefix_max)
 
     def train_step(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> Dict[str, float]:
         """One optimiser step on a batch of images (labels are ignored) -> {'loss': value}."""
         cfg = self.cfg
         self.scheduler.step_update(self.step)
-        step_seed = _mix_seed(cfg.seed, self.step, 104729)
-        seed_everything(step_seed)
-        torch.manual_seed(step_seed)
+        self.seed_step(104729)
         images = images.to(cfg.device)
         n = (images.shape[-2] // self.objective.patch_size) * (images.shape[-1] // self.objective.patch_size)
         prefix = self.prefix_lengths(images.shape[0], n)

@@ -30,7 +30,7 @@ from ..diffusion import GaussianDiffusion, LinearFlow
 from ..models import create_model, load_checkpoint
 from .checkpoint import EMA_NAME, load_training_state, save_checkpoint
 from .config import Options
-from .step_loop import EpochBatchSampler, SeededAugmentation, StepLoop, _mix_seed, seed_everything
+from .step_loop import EpochBatchSampler, SeededAugmentation, StepLoop, seed_everything
 
 OBJECTIVES = ("ddpm", "flow")
 
@@ -207,9 +207,7 @@ class GenerativeTrainer(StepLoop):
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
         cfg = self.cfg
-        step_seed = _mix_seed(cfg.seed, self.step, 271828)
-        seed_everything(step_seed)
-        torch.manual_seed(step_seed)   # label dropout draws from the global generator
+        step_seed = self.seed_step(271828)   # label dropout draws from the global generator
         g = torch.Generator(device=cfg.device).manual_seed(step_seed)
         x, y = x.to(cfg.device), y.to(cfg.device)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.amp):

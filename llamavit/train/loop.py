@@ -30,7 +30,7 @@ from .distributed import (DistEnv, all_reduce_sum, barrier, full_state_dicts, in
                           wrap_model)
 from .plots import plot_curves
 from .schedules import soft_mask_rate
-from .step_loop import EpochBatchSampler, SeededAugmentation, StepLoop, _mix_seed, seed_everything
+from .step_loop import EpochBatchSampler, SeededAugmentation, StepLoop, seed_everything
 
 
 def transform_config(cfg: TrainConfig) -> TransformConfig:
@@ -175,7 +175,7 @@ class Trainer(StepLoop):
         if rest == 0 and (epoch % self.cfg.eval_every == 0 or self.step == self.total_steps):
             self.last_eval = self.evaluate()
             self.log({"step": self.step, "epoch": self.step / self.steps_per_epoch, **self.last_eval})
-            if self.is_main and self.bar is not None:
+            if self.is_main:
                 self.bar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in self.last_eval.items()))
             self.model.train()
 
@@ -196,9 +196,7 @@ class Trainer(StepLoop):
             self.model.set_soft_mask_rate(soft_mask_rate(self.step, self.steps_per_epoch, cfg.soft_mask,
                                                          cfg.soft_mask_epochs))
         self.scheduler.step_update(self.step)
-        step_seed = _mix_seed(cfg.seed, self.step, 104729 + self.env.rank)
-        seed_everything(step_seed)
-        torch.manual_seed(step_seed)
+        self.seed_step(104729 + self.env.rank)
         device = self.env.device
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if self.mixup is not None:

@@ -33,7 +33,8 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stopped without writing a checkpoint."""
 
 
-def _mix_seed(*parts: int) -> int:
+def mix_seed(*parts: int) -> int:
+    """One 31-bit seed from several integers (seed, epoch, index, ...); different tuples, different seeds."""
     h = 0x9E3779B97F4A7C15
     for p in parts:
         h = (h ^ (int(p) + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
@@ -59,7 +60,7 @@ class SeededAugmentation(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        seed_everything(_mix_seed(self.seed, self.epoch, index))
+        seed_everything(mix_seed(self.seed, self.epoch, index))
         return self.dataset[index]
 
 
@@ -82,7 +83,7 @@ class EpochBatchSampler(Sampler):
         return self.num_samples // self.batch_size - self.start_batch
 
     def __iter__(self) -> Iterator[List[int]]:
-        g = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, 7919))
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, 7919))
         order = torch.randperm(self.num_samples, generator=g).tolist()
         local = self.batch_size // self.world_size
         for b in range(self.start_batch, self.num_samples // self.batch_size):
@@ -149,6 +150,15 @@ class StepLoop:
         return {}
 
     # --- shared ---------------------------------------------------------------------------------
+    def seed_step(self, salt: int) -> int:
+        """Seed every global generator for the current step (dropout, masks, noise); returns the seed.
+
+        Each trainer passes its own salt, so two objectives at the same step draw differently."""
+        seed = mix_seed(self.cfg.seed, self.step, salt)
+        seed_everything(seed)
+        torch.manual_seed(seed)
+        return seed
+
     def check_loss(self, value: float) -> None:
         if not math.isfinite(value):
             raise NonFiniteLossError(f"loss is {value} at step {self.step}; training stopped, nothing was saved after "
