@@ -221,6 +221,38 @@ def test_soft_mask_auto_picks_explicit_on_short_cpu_sequences_and_sdpa_otherwise
         attn_mod.soft_mask_attention(q, k, v, rate, impl="flash")
 
 
+@pytest.mark.parametrize("rate", [0.0, 0.25, 0.7])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+def test_lse_soft_mask_matches_naive(rate, dtype, tol):
+    q, k, v = (t.detach() for t in _qkv(n=33, h=4, hkv=2, dtype=dtype))
+    torch.testing.assert_close(soft_mask_attention(q, k, v, rate, impl="lse"), naive_soft_mask_attention(q, k, v, rate),
+                               atol=tol, rtol=tol)
+
+
+def test_soft_mask_auto_takes_lse_only_for_the_longest_cpu_inference(monkeypatch):
+    import llamavit.layers.attention as attn_mod
+    calls = []
+    for name in ("lse_soft_mask_attention", "naive_soft_mask_attention"):
+        monkeypatch.setattr(attn_mod, name, lambda *a, name=name: calls.append(name.split("_")[0]) or a[0])
+    longest = dict(b=1, h=1, n=attn_mod.CPU_INFERENCE_EXPLICIT_MAX_TOKENS + 1, d=2)
+    long = dict(b=1, h=1, n=attn_mod.CPU_EXPLICIT_MAX_TOKENS + 1, d=2)
+    with torch.no_grad():
+        attn_mod.soft_mask_attention(*_qkv(**longest), 0.5)
+        attn_mod.soft_mask_attention(*_qkv(**long), 0.5)   # inference: explicit up to the longer limit
+    assert calls == ["lse", "naive"]
+    attn_mod.soft_mask_attention(*_qkv(**long), 0.5)   # a gradient is needed: the mirrored-keys SDPA
+    attn_mod.soft_mask_attention(*_qkv(), 0.5)
+    assert calls == ["lse", "naive", "naive"]
+
+
+def test_lse_soft_mask_refuses_gradients_and_dropout():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="lse soft-mask form runs on CPU without gradients"):
+        soft_mask_attention(q, k, v, 0.5, impl="lse")
+    with torch.no_grad(), pytest.raises(ValueError, match="the lse soft-mask form has no attention dropout"):
+        soft_mask_attention(q, k, v, 0.5, dropout_p=0.1, impl="lse")
+
+
 def test_soft_mask_forms_agree_with_grouped_query_heads():
     q, k, v = _qkv(h=4, hkv=2)
     explicit = soft_mask_attention(q, k, v, 0.3, impl="explicit")
@@ -405,6 +437,38 @@ def test_attention_constructor_errors():
 
 
 # --- PatchEmbed ----------------------------------------------------------------------------------------
+# --- inference buffers reused in place ---------------------------------------------------------------
+def test_inference_in_place_paths_equal_the_autograd_paths():
+    """RMSNorm, SwiGLU and the explicit soft mask overwrite their own buffers only without autograd."""
+    from llamavit.layers import SwiGLU
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 16)
+    norm, mlp = RMSNorm(16), SwiGLU(16, 32, bias=False)
+    norm.weight.data.uniform_(0.5, 1.5)
+    q, k, v = (torch.randn(2, 3, 9, 8) for _ in range(3))
+    with torch.no_grad():
+        fast = (norm(x), mlp(x), naive_soft_mask_attention(q, k, v, 0.0), naive_soft_mask_attention(q, k, v, 0.4))
+    slow = (norm(x), mlp(x), naive_soft_mask_attention(q.requires_grad_(), k, v, 0.0),
+            naive_soft_mask_attention(q, k, v, 0.4))
+    assert all(t.grad_fn is not None for t in slow)   # the second pass did run with autograd
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b.detach(), rtol=0, atol=1e-6)
+    # under autocast the weight (fp32) multiplies a bf16 activation out of place, as before
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert norm(x.bfloat16()).dtype == torch.float32
+
+
+def test_apply_rope_on_strided_qkv_views_equals_contiguous():
+    """q and k come as strided views of the qkv projection; the rotation must not depend on the layout."""
+    qkv = torch.randn(2, 5, 3, 4, 8).permute(2, 0, 3, 1, 4)   # (3, B, heads, N, head_dim), strided
+    cos, sin = RotaryEmbedding(8, 5)(5)
+    for t in (qkv[0], qkv[1], qkv[1][..., 1:7]):   # the last has an odd offset: copied first
+        assert not t.is_contiguous()
+        torch.testing.assert_close(apply_rope(t, cos[:, :t.shape[-1] // 2], sin[:, :t.shape[-1] // 2]),
+                                   apply_rope(t.contiguous(), cos[:, :t.shape[-1] // 2], sin[:, :t.shape[-1] // 2]),
+                                   rtol=0, atol=1e-6)   # vectorised vs strided kernel: last-bit rounding
+
+
 def test_patch_embed_raster_order():
     pe = PatchEmbed(img_size=32, patch_size=8, in_chans=3, embed_dim=12)
     x = torch.randn(2, 3, 32, 24)

@@ -139,6 +139,23 @@ def test_fresh_run_over_an_earlier_runs_checkpoints_keeps_its_own(tmp_path):
     assert names == ["step-00000004", "step-00000005", "step-00000100", "step-00000200"]
 
 
+def test_fresh_run_moves_an_earlier_run_aside_and_resume_keeps_it(tmp_path, capsys):
+    first = Trainer(tiny_cfg(tmp_path, epochs=1, max_steps=3, ckpt_every=3)).fit()
+    assert first["steps"] == 3
+    run_dir = tmp_path / "run"
+    Trainer(tiny_cfg(tmp_path, epochs=1, max_steps=2, ckpt_every=2)).fit()   # fresh, not --resume
+    moved = [d for d in os.listdir(run_dir) if d.startswith("previous-")]
+    assert len(moved) == 1 and f"its files were moved to {run_dir / moved[0]}" in capsys.readouterr().out
+    earlier = run_dir / moved[0]
+    assert load_training_state(latest_checkpoint(str(earlier)))["step"] == 3
+    assert [json.loads(line)["step"] for line in open(earlier / "log.jsonl")][:3] == [1, 2, 3]
+    assert load_training_state(latest_checkpoint(str(run_dir)))["step"] == 2
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["latest", "step-00000002"]
+    assert max(json.loads(line)["step"] for line in open(run_dir / "log.jsonl")) == 2
+    Trainer(tiny_cfg(tmp_path, epochs=1, max_steps=4, ckpt_every=2, resume=True)).fit()   # --resume moves nothing
+    assert [d for d in os.listdir(run_dir) if d.startswith("previous-")] == moved
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     cfg = tiny_cfg(tmp_path, epochs=2, ckpt_every=2)
     trainer = Trainer(cfg)

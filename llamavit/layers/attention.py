@@ -14,6 +14,11 @@ The soft mask runs as ONE fused SDPA call over the keys written twice ("mirrored
 because the two copies of each key share e^{s_ij}, weighted M_ij and 1 - M_ij, so their weights add
 up to the full softmax denominator while only the first copy carries a value. It is exact in value
 and gradient, needs no log-sum-exp output from the kernel, and runs on every SDPA backend.
+
+For inference on CPU there is a cheaper exact form, the log-sum-exp identity: with M = r + (1 - r) tril,
+    out = r * SDPA(q, k, v) + (1 - r) * SDPA_causal(q, k, v) * exp(LSE_causal - LSE_full)   (row-wise)
+two flash-attention calls on N keys and no N x N buffer. The CPU flash kernel returns the LSE but has
+no gradient for it, so this form serves only when no gradient is needed.
 """
 import math
 from typing import Optional, Tuple
@@ -45,34 +50,65 @@ def soft_mask_bias(num_tokens: int, rate: float, device=None, dtype=torch.float3
 
 # At short sequences the CPU SDPA kernel is no faster than the explicit formula, and the mirrored keys
 # double its work: below this length the explicit form is faster on CPU (bench/throughput.py, 2 threads:
-# explicit 0.58x the mirrored time at 197 tokens, mirrored 1.7x faster at 577; crossover near 300).
+# explicit 0.58x the mirrored time at 197 tokens, mirrored 1.2x faster at 577; crossover near 300).
+# Without autograd the explicit form overwrites its one N x N buffer in place and stays the fastest
+# (577 tokens: 0.65x the mirrored time, 0.8x the LSE form's); past CPU_INFERENCE_EXPLICIT_MAX_TOKENS
+# inference takes the LSE form, whose memory grows with N instead of N^2.
 CPU_EXPLICIT_MAX_TOKENS = 320
-SOFT_MASK_IMPLS = ("auto", "sdpa", "explicit")
+CPU_INFERENCE_EXPLICIT_MAX_TOKENS = 1024
+SOFT_MASK_IMPLS = ("auto", "sdpa", "explicit", "lse")
 
 
 def soft_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rate: float, dropout_p: float = 0.0,
                         enable_gqa: bool = False, impl: str = "auto") -> torch.Tensor:
     """iLLaMA soft-mask attention. q: (B, H, N, d); k, v: (B, Hkv, N, d) -> (B, H, N, d).
 
-    impl 'sdpa': the mirrored-keys SDPA form; 'explicit': the official formula; 'auto': 'explicit' on
-    CPU up to CPU_EXPLICIT_MAX_TOKENS tokens without dropout, else 'sdpa'. Both give the same numbers.
+    impl 'sdpa': the mirrored-keys SDPA form; 'explicit': the official formula; 'lse': the log-sum-exp
+    identity (CPU, no gradient); 'auto', on CPU without dropout: 'explicit' up to CPU_EXPLICIT_MAX_TOKENS
+    tokens (CPU_INFERENCE_EXPLICIT_MAX_TOKENS without gradients), beyond that 'sdpa' for training and
+    'lse' for inference; elsewhere 'sdpa'. All give the same numbers.
     """
     if impl not in SOFT_MASK_IMPLS:
         raise ValueError(f"unknown soft-mask implementation {impl!r}; expected one of {SOFT_MASK_IMPLS}")
     if rate >= 1.0:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=enable_gqa)
     n = q.shape[-2]
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if impl == "auto":
-        short_on_cpu = q.device.type == "cpu" and n <= CPU_EXPLICIT_MAX_TOKENS and dropout_p == 0.0
-        impl = "explicit" if short_on_cpu else "sdpa"
+        if q.device.type != "cpu" or dropout_p:
+            impl = "sdpa"
+        elif needs_grad:
+            impl = "explicit" if n <= CPU_EXPLICIT_MAX_TOKENS else "sdpa"
+        else:
+            impl = "explicit" if n <= CPU_INFERENCE_EXPLICIT_MAX_TOKENS else "lse"
+    if impl in ("explicit", "lse") and dropout_p:
+        raise ValueError(f"the {impl} soft-mask form has no attention dropout; use impl='sdpa'")
     if impl == "explicit":
-        if dropout_p:
-            raise ValueError("the explicit soft-mask form has no attention dropout; use impl='sdpa'")
         return naive_soft_mask_attention(q, k, v, rate)
+    if impl == "lse":
+        if needs_grad or q.device.type != "cpu":
+            raise ValueError("the lse soft-mask form runs on CPU without gradients; use impl='sdpa' or 'explicit'")
+        return lse_soft_mask_attention(q, k, v, rate)
     bias = soft_mask_bias(n, rate, device=q.device, dtype=q.dtype)
     k2 = torch.cat((k, k), dim=-2)
     v2 = torch.cat((v, torch.zeros_like(v)), dim=-2)
     return F.scaled_dot_product_attention(q, k2, v2, attn_mask=bias, dropout_p=dropout_p, enable_gqa=enable_gqa)
+
+
+def lse_soft_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rate: float) -> torch.Tensor:
+    """Soft-mask attention by the log-sum-exp identity (module docstring), CPU inference only.
+
+    q: (B, H, N, d); k, v: (B, Hkv, N, d) -> (B, H, N, d); 0 <= rate < 1.
+    """
+    groups = q.shape[-3] // k.shape[-3]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    causal_out, causal_lse = flash(q, k, v, 0.0, True)
+    full_out, full_lse = flash(q, k, v, 0.0, False)
+    # the kernel returns the LSE in float32 whatever the input dtype
+    out = causal_out * (causal_lse - full_lse).exp().unsqueeze(-1).to(causal_out.dtype)
+    return out.mul_(1 - rate).add_(full_out, alpha=rate) if rate > 0 else out
 
 
 def naive_soft_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rate: float) -> torch.Tensor:
@@ -85,9 +121,11 @@ def naive_soft_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
     # scaling q (N x d) instead of the scores (N x N) saves a pass over the scores
-    probs = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
-    # without autograd the mask can overwrite the probabilities (softmax's backward would need them)
-    inplace = not probs.requires_grad
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    # without autograd the softmax and the mask overwrite the scores: one N x N buffer instead of two
+    # (softmax's backward would need its output)
+    inplace = not scores.requires_grad
+    probs = torch.softmax(scores, dim=-1, out=scores) if inplace else scores.softmax(dim=-1)
     if rate == 0.0:
         return (probs.tril_() if inplace else probs.tril()) @ v
     causal = torch.ones(n, n, device=q.device, dtype=q.dtype).tril()

@@ -21,7 +21,10 @@ class RMSNorm(nn.Module):
         # x * rsqrt(mean(x^2) + eps) through one reduction kernel: F.rms_norm is not fused on CPU and
         # takes 2.5x longer at ViT shapes
         mean_sq = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square() / x.shape[-1]
-        return (xf * torch.rsqrt(mean_sq + self.eps)).type_as(x) * self.weight
+        normed = (xf * torch.rsqrt(mean_sq + self.eps)).type_as(x)
+        if normed.dtype == self.weight.dtype and not (torch.is_grad_enabled() and self.weight.requires_grad):
+            return normed.mul_(self.weight)   # inference: scale the fresh buffer instead of allocating another
+        return normed * self.weight
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

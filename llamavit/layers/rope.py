@@ -33,7 +33,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: st
     if layout == "interleaved":
         # pairs as complex numbers times e^{i angle}: one fused kernel, ~10x faster than four real products
         rotation = torch.complex(cos, sin)
-        out = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous()) * rotation).flatten(-2)
+        pairs = x.unflatten(-1, (-1, 2))
+        # q and k are strided views into the qkv projection: the complex view needs no copy when every
+        # stride but the last (1) and the offset are even, as they are for even head_dim
+        if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(st % 2 for st in pairs.stride()[:-1]):
+            pairs = pairs.contiguous()
+        out = torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2)
     elif layout == "half":
         x1, x2 = x.chunk(2, dim=-1)
         out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)

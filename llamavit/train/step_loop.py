@@ -18,7 +18,7 @@ import math
 import os
 import random
 import time
-from typing import Any, Dict, Iterable, Iterator, List
+from typing import Any, Dict, Iterable, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -27,6 +27,26 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from .checkpoint import latest_checkpoint
+
+
+# what a run writes at the top of its output directory (a trainer may add plots beside them)
+RUN_FILES = ("checkpoints", "log.jsonl", "config.json", "summary.json", "curves.png")
+
+
+def set_aside_earlier_run(output: str) -> Optional[str]:
+    """Move an earlier run's files (RUN_FILES) into output/previous-<time>/ so a fresh run in the same
+    directory neither mixes its checkpoints with them nor deletes them; -> that folder, or None."""
+    present = [name for name in RUN_FILES if os.path.exists(os.path.join(output, name))]
+    if not {"checkpoints", "log.jsonl"} & set(present):
+        return None
+    base = dest = os.path.join(output, "previous-" + time.strftime("%Y%m%d-%H%M%S"))
+    suffix = 1
+    while os.path.exists(dest):
+        dest, suffix = f"{base}-{suffix}", suffix + 1
+    os.makedirs(dest)
+    for name in present:
+        os.replace(os.path.join(output, name), os.path.join(dest, name))
+    return dest
 
 
 class NonFiniteLossError(RuntimeError):
@@ -187,8 +207,9 @@ class StepLoop:
         os.makedirs(cfg.output, exist_ok=True)
         resumed = cfg.resume and self.try_resume()
         if main:
-            if not resumed and os.path.isfile(self.log_path):
-                os.remove(self.log_path)
+            moved = None if resumed else set_aside_earlier_run(cfg.output)
+            if moved:
+                print(f"{cfg.output} held an earlier run (not resumed): its files were moved to {moved}")
             with open(os.path.join(cfg.output, "config.json"), "w") as f:
                 json.dump(self.run_config(), f, indent=2)
         stop_at = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
