@@ -9,8 +9,10 @@ reported. Sections:
 2. model throughput at --batch / --img-size, random weights: llamavit `illama_tiny_patch16_224`
    (soft mask rate 0 = causal, the end-of-training state) vs timm `deit_tiny_patch16_224`, with FLOPs
    per image (torch.utils.flop_counter) and the fraction of the measured matmul peak;
-3. soft-mask attention forward, fused (`soft_mask_attention`) vs naive (`naive_soft_mask_attention`),
-   at 197 and 577 tokens, rates 0.0 and 0.5, plus the max abs difference of the outputs;
+3. soft-mask attention forward at 197 and 577 tokens, rates 0.0 and 0.5: the mirrored-keys SDPA form
+   ("fused"), the LSE form (two flash calls), the library's explicit form ("naive",
+   `naive_soft_mask_attention`: buffers reused in place without autograd) and the official code's op
+   sequence ("official"), with the max abs differences of the outputs;
 4. soft-mask attention forward+backward (training) at 197 tokens;
 5. (when iLLaMA-T is below --target x DeiT-T, or with --profile) where the time goes: torch.profiler
    op tables for both models, per-component timings at the model's shapes, and model variants.
@@ -273,17 +275,37 @@ def bench_attention_forward(batch: int, heads: int, head_dim: int, tokens: int, 
     """Fused vs naive soft-mask attention forward: medians, naive/fused ratio, max abs difference."""
     q, k, v = attention_inputs(batch, heads, tokens, head_dim)
     lse = lambda: soft_mask_attention(q, k, v, rate, impl="lse")   # noqa: E731
+    mask = official_mask(tokens, rate)
     with torch.inference_mode():
         naive = naive_soft_mask_attention(q, k, v, rate)
         diff = (fused_soft_mask(q, k, v, rate) - naive).abs().max().item()
         lse_diff = (lse() - naive).abs().max().item()
+        official_diff = (official_form_soft_mask(q, k, v, mask) - naive).abs().max().item()
         stats = timed({"fused": lambda: fused_soft_mask(q, k, v, rate), "lse": lse,
-                       "naive": lambda: naive_soft_mask_attention(q, k, v, rate)}, rounds, warmup, max_seconds)
+                       "naive": lambda: naive_soft_mask_attention(q, k, v, rate),
+                       "official": lambda: official_form_soft_mask(q, k, v, mask)}, rounds, warmup, max_seconds)
     row = _attention_result(tokens, rate, stats, "max_abs_diff", diff, tol)
-    # the inference-only LSE form (two flash calls on N keys), which 'auto' takes above CPU_EXPLICIT_MAX_TOKENS
+    # the inference-only LSE form (two flash calls on N keys), which 'auto' takes past 1024 tokens
     row.update(lse=stats["lse"], ratio_naive_over_lse=stats["naive"]["median_s"] / stats["lse"]["median_s"],
-               lse_max_abs_diff=lse_diff, within_tol=row["within_tol"] and lse_diff <= tol)
+               lse_max_abs_diff=lse_diff, within_tol=row["within_tol"] and lse_diff <= tol and official_diff <= tol)
+    # "naive" above is the library's explicit form (q scaled, buffers reused in place); the official
+    # code's own op sequence allocates a buffer per step
+    row.update(official=stats["official"], official_max_abs_diff=official_diff,
+               ratio_official_over_fused=stats["official"]["median_s"] / stats["fused"]["median_s"],
+               ratio_official_over_lse=stats["official"]["median_s"] / stats["lse"]["median_s"],
+               ratio_official_over_naive=stats["official"]["median_s"] / stats["naive"]["median_s"])
     return row
+
+
+def official_mask(tokens: int, rate: float) -> torch.Tensor:
+    """M = r * 1 + (1 - r) * tril(1), (N, N), built once as the official model does."""
+    return rate + (1 - rate) * torch.ones(tokens, tokens).tril()
+
+
+def official_form_soft_mask(q, k, v, mask: torch.Tensor) -> torch.Tensor:
+    """The official iLLaMA attention's op sequence: (q k^T) * scale, softmax, * M, @ v (DESIGN 3)."""
+    attn = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    return (attn.softmax(dim=-1) * mask) @ v
 
 
 def fused_soft_mask(q, k, v, rate: float) -> torch.Tensor:
@@ -370,7 +392,7 @@ def component_fns(batch: int, tokens: int, dim: int, heads: int, model: torch.nn
         "rope q and k, alt: one complex multiply": lambda: rope_complex(qkv[:, :2 * heads], freqs),
         "attention r=0, ours (2N mirrored keys + bias)": lambda: fused_soft_mask(q, k, v, 0.0),
         "attention r=0, LSE form (causal + full SDPA)": lambda: soft_mask_attention(q, k, v, 0.0, impl="lse"),
-        "attention r=0, official naive": lambda: naive_soft_mask_attention(q, k, v, 0.0),
+        "attention r=0, explicit (library)": lambda: naive_soft_mask_attention(q, k, v, 0.0),
         "attention, deit (SDPA, N keys)": lambda: F.scaled_dot_product_attention(q, k, v),
         "attention, is_causal SDPA (renormalised)": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
         "mlp, ours (swiglu 192->2x512->192)": lambda: blk.mlp(x),
@@ -496,12 +518,15 @@ def markdown(res: dict) -> str:
 
 def _attention_table(title: str, rows: List[dict], diff_label: str, diff_key: str) -> List[str]:
     """Markdown table lines for attention timings."""
-    lines = [f"### {title}", "", f"| tokens | rate | fused ms | LSE ms | naive ms | naive/fused | naive/LSE | "
-             f"rounds (quiet) | {diff_label} |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"### {title}", "", f"| tokens | rate | fused ms | LSE ms | naive ms | official-form ms | naive/fused | "
+             f"naive/LSE | official/fused | official/LSE | rounds (quiet) | {diff_label} |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lse = (f"{1e3 * r['lse']['median_s']:.2f}", f"{r['ratio_naive_over_lse']:.2f}") if "lse" in r else ("-", "-")
-        lines.append(f"| {r['tokens']} | {r['rate']} | {1e3 * r['fused']['median_s']:.2f} | {lse[0]} | "
-                     f"{1e3 * r['naive']['median_s']:.2f} | {r['ratio_naive_over_fused']:.2f} | {lse[1]} | "
+        ms = lambda key: f"{1e3 * r[key]['median_s']:.2f}" if key in r else "-"   # noqa: E731
+        ratio = lambda key: f"{r[key]:.2f}" if key in r else "-"   # noqa: E731
+        lines.append(f"| {r['tokens']} | {r['rate']} | {ms('fused')} | {ms('lse')} | {ms('naive')} | {ms('official')} | "
+                     f"{ratio('ratio_naive_over_fused')} | {ratio('ratio_naive_over_lse')} | "
+                     f"{ratio('ratio_official_over_fused')} | {ratio('ratio_official_over_lse')} | "
                      f"{r['fused']['n']} ({r['fused']['n_quiet']}) | {r[diff_key]:.2e} |")
     return lines + [""]
 

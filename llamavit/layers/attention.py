@@ -15,7 +15,8 @@ because the two copies of each key share e^{s_ij}, weighted M_ij and 1 - M_ij, s
 up to the full softmax denominator while only the first copy carries a value. It is exact in value
 and gradient, needs no log-sum-exp output from the kernel, and runs on every SDPA backend.
 
-For inference on CPU there is a cheaper exact form, the log-sum-exp identity: with M = r + (1 - r) tril,
+For long-sequence inference on CPU there is an exact form with memory linear in N, the log-sum-exp
+identity: with M = r + (1 - r) tril,
     out = r * SDPA(q, k, v) + (1 - r) * SDPA_causal(q, k, v) * exp(LSE_causal - LSE_full)   (row-wise)
 two flash-attention calls on N keys and no N x N buffer. The CPU flash kernel returns the LSE but has
 no gradient for it, so this form serves only when no gradient is needed.
