@@ -16,7 +16,6 @@ bench/results/fmnist_frozen_llm.json.
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -27,6 +26,7 @@ import torch
 
 from llamavit import create_model
 from llamavit.train import TrainConfig, Trainer
+from machine import cpu_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VIT = {"patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3, "mlp_ratio": 4.0}
@@ -58,14 +58,6 @@ print(json.dumps({"path": path, "file_mb": __import__("os").path.getsize(path) /
                   "extra_peak_rss_mb": peak - before, "layer": config.n_layers - 1,
                   "layer_params": sum(v.numel() for v in layers[0].values())}))
 """
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
 
 
 def measure_gguf_read(repeats: int = 3) -> dict:
@@ -184,7 +176,7 @@ def main() -> None:
                    "note": "differences smaller than the seeds' std are not evidence either way"}
     result = {
         "benchmark": args.tag, "smoke": args.smoke,
-        "machine": {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__},
+        "machine": {"cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__},
         "recipe": {**RECIPE, "epochs": epochs, "seeds": seeds, **over},
         "variants": results, "verdict": verdict, "gguf_read": gguf,
         "expected_s": expected, "wall_clock_s": time.perf_counter() - t0,

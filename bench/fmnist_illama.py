@@ -14,33 +14,15 @@ sustained over half an hour. Writes bench/results/fmnist_illama.json and the cur
 import argparse
 import json
 import os
-import platform
 import shutil
 import time
 
 import torch
 
 from llamavit.train import TrainConfig, Trainer
+from machine import bf16_native, cpu_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
-
-
-def bf16_native() -> bool:
-    """Whether the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX), or the flags are unknown."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return True
-    return not flags or "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def seconds_per_step(cfg: TrainConfig, steps: int = 12) -> float:
@@ -107,7 +89,7 @@ def main() -> None:
     history = [json.loads(line) for line in open(os.path.join(cfg.output, "log.jsonl"))]
     result = {
         "benchmark": args.tag,
-        "machine": {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__},
+        "machine": {"cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__},
         "config": cfg.to_dict(),
         "calibrated_ms_per_step": step_s * 1000,
         "provisional_epochs": provisional,

@@ -38,6 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import llamavit
 from llamavit.layers import apply_rope, naive_soft_mask_attention, soft_mask_attention
+from machine import cpu_flags, cpu_model
 
 OURS = "illama_tiny_patch16_224"
 PEER = "deit_tiny_patch16_224"
@@ -45,30 +46,6 @@ aten = torch.ops.aten
 
 
 # --- machine and timing helpers -----------------------------------------------------------------
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (or platform.processor() elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_flags() -> List[str]:
-    """The SIMD-related flags of the CPU (avx*, amx*, fma), for the record."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return sorted(fl for fl in line.split(":", 1)[1].split() if fl.startswith(("avx", "amx", "fma")))
-    except OSError:
-        pass
-    return []
-
 
 def machine_info(threads: int) -> dict:
     """CPU, core count, thread setting and library versions."""
