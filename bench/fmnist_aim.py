@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from llamavit.train.aim_pretrain import AIMPretrainer, PretrainConfig
+from llamavit.train import PretrainConfig, Pretrainer
 from llamavit.train.probe import Prober, ProbeConfig
 from pretrain_timing import pretrain_vs_supervised_step  # bench/ helper
 
@@ -47,12 +47,12 @@ def probe(args, checkpoint=None, output="") -> dict:
 def pretrain(args):
     """Calibrate the step time, size the run to the budget, pre-train; (config, step times, seconds, summary)."""
     # calibrate the step time, then size the run to the budget
-    calib = AIMPretrainer(pretrain_config(args, 1, os.path.join(args.output, "calibration")))
+    calib = Pretrainer(pretrain_config(args, 1, os.path.join(args.output, "calibration")))
     times = pretrain_vs_supervised_step(calib, calib.cfg.batch_size, steps=6)
     per_epoch = (args.train_subset or 60000) // 128
     steps = max(args.checkpoints, int(args.pretrain_min * 60 / (1.08 * times["pretrain"])))
     epochs = max(1, round(steps / per_epoch))
-    trainer = AIMPretrainer(pretrain_config(args, epochs, os.path.join(args.output, "pretrain")))
+    trainer = Pretrainer(pretrain_config(args, epochs, os.path.join(args.output, "pretrain")))
     trainer.cfg.ckpt_every = max(1, trainer.total_steps // args.checkpoints)
     trainer.cfg.log_every = min(20, trainer.cfg.ckpt_every)
     print(f"calibration: {times['pretrain'] * 1000:.0f} ms/pre-training step, {times['supervised'] * 1000:.0f} "

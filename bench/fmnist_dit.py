@@ -24,8 +24,8 @@ import time
 
 import torch
 
-from llamavit.cli_generate import evaluate_generator
 from llamavit.diffusion.sampling import class_grid_labels, generate_samples, save_grid
+from llamavit.eval.fid import evaluate_generator
 from llamavit.train import TrainConfig, model_from_checkpoint, train
 from llamavit.train.generate import GenerateConfig, train_generative
 
@@ -97,7 +97,7 @@ def main() -> None:
         samples = generate_samples(model, labels, args.objective, result["sampler"], steps=args.steps,
                                    cfg_scale=args.cfg_scale, seed=args.seed, clip_denoised=True)
         sample_s = time.perf_counter() - t0
-        metrics = evaluate_generator(model, {"pixels": True}, classifier, labels, samples, args.num_real)
+        metrics = evaluate_generator({"pixels": True}, classifier, labels, samples, args.num_real)
         grid = os.path.join(args.results, f"fmnist_{key}_samples.png")
         per_class = 8
         idx = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(10)])

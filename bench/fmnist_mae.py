@@ -20,10 +20,7 @@ import time
 
 import torch
 
-from llamavit.train import TrainConfig, train
-from llamavit.train.aim_pretrain import PretrainConfig
-from llamavit.train.mae import MAE_DEFAULTS, MAEPretrainer
-from llamavit.train.probe import finetune
+from llamavit.train import MAE_DEFAULTS, PretrainConfig, Pretrainer, TrainConfig, finetune, train
 from pretrain_timing import pretrain_vs_supervised_step  # bench/ helper
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -35,7 +32,7 @@ BATCH = 128
 
 def pretrain_config(args, epochs: int, output: str) -> PretrainConfig:
     # a decoder much lighter than the encoder, as in MAE (there 8 x 512 against ViT-L's 24 x 1024)
-    values = {**MAE_DEFAULTS, "decoder_dim": 64, "decoder_depth": 2}
+    values = {**MAE_DEFAULTS, "objective": "mae", "decoder_dim": 64, "decoder_depth": 2}
     return PretrainConfig(model=MODEL, model_kwargs=TRUNK, img_size=28, in_chans=1, epochs=epochs, batch_size=BATCH,
                           lr=1.5e-3, train_subset=args.train_subset, output=output, progress=not args.smoke,
                           recon_every=0, **values)
@@ -69,7 +66,7 @@ def main() -> None:
     shutil.rmtree(args.output, ignore_errors=True)
     t0 = time.perf_counter()
 
-    calibration = MAEPretrainer(pretrain_config(args, 1, os.path.join(args.output, "calibration")))
+    calibration = Pretrainer(pretrain_config(args, 1, os.path.join(args.output, "calibration")))
     times = pretrain_vs_supervised_step(calibration, BATCH, steps=6)
     epoch_steps = (args.train_subset or 60000) // BATCH
     budget_s = args.budget_min * 60 / 1.08  # data loading and the final evaluation take the rest
@@ -91,7 +88,7 @@ def main() -> None:
     print(f"scratch: {arms['scratch']}")
 
     t = time.perf_counter()
-    pretrainer = MAEPretrainer(pretrain_config(args, plan["mae_pretrain"], os.path.join(args.output, "mae")))
+    pretrainer = Pretrainer(pretrain_config(args, plan["mae_pretrain"], os.path.join(args.output, "mae")))
     pre = pretrainer.fit()
     pretrain_s = time.perf_counter() - t
     recon = pretrainer.save_reconstructions()

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from llamavit.eval import accuracy_by_resolution  # noqa: E402
 from llamavit.train import TrainConfig, Trainer  # noqa: E402
-from llamavit.train.loop import transform_config  # noqa: E402
+from llamavit.train.supervised import transform_config  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRAIN_SIZE = 32

@@ -18,8 +18,7 @@ import time
 
 import torch
 
-from llamavit.cli import _eval_loader
-from llamavit.cli_analyses import _train_images
+from llamavit.eval.loaders import eval_loader
 from llamavit.eval.quantize import analyze_quantization, format_quantization_table, save_quantization_report
 from llamavit.train import model_from_checkpoint, read_meta
 
@@ -47,8 +46,8 @@ def main() -> None:
         run_demo(args.train_output, epochs=args.train_epochs)
         checkpoint = args.train_output
     model = model_from_checkpoint(checkpoint).eval()
-    loader, data, n = _eval_loader(checkpoint, None, args.subset, 256)
-    calibration = _train_images(checkpoint, data, 256)
+    loader, data, n = eval_loader(checkpoint, None, args.subset, 256)
+    calibration = eval_loader(checkpoint, data, 0, 256, split="train")[0]
     result = analyze_quantization(model, loader, calibration, calibration_batches=args.calibration_batches)
     rows = {r["method"]: r for r in result["results"]}
     checks = {m: {"top1_drop_le_0.5": rows[m].get("top1_drop", 99) <= 0.5, "size_ratio_ge_3": rows[m].get(

@@ -1,11 +1,11 @@
-"""`llamavit analyze calibration|quantize|resolution|attention` and `llamavit ablate illama-ladder`:
-argument definitions and thin command bodies (the work is in llamavit.eval and llamavit.ablation)."""
+"""`llamavit analyze activations|calibration|quantize|resolution|attention` and `llamavit ablate
+illama-ladder`: argument definitions and thin command bodies (the work is in llamavit.eval and
+llamavit.ablation)."""
 import argparse
 import os
 
 LADDER_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                              "ladder_illama.yaml")
-ANALYSES = ("calibration", "quantize", "resolution", "attention")
 
 
 def _common(a: argparse.ArgumentParser, output: str, subset_help: str = "use the first N validation images "
@@ -18,8 +18,22 @@ def _common(a: argparse.ArgumentParser, output: str, subset_help: str = "use the
     a.add_argument("--ema", action="store_true", help="use the EMA weights if the checkpoint has them")
 
 
-def add_analysis_parsers(analyses) -> None:
-    """Add the four analyses to the `analyze` sub-command group."""
+def add_analyze_parser(sub) -> None:
+    """`llamavit analyze ANALYSIS`: the five analyses of a trained checkpoint."""
+    p = sub.add_parser("analyze", help="analyses of a trained model (activations, calibration, ...)",
+                       description="Analyses the papers report, run on a llamavit checkpoint.")
+    analyses = p.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
+    a = analyses.add_parser("activations", help="per-token activation magnitude and frequency after each block",
+                            description="Information filtering (frozen-LLM paper, section 4): heat maps over the "
+                                        "image of each patch token's centred-feature L2 norm and high-frequency "
+                                        "content after every block; PNG per image + activations.json.")
+    a.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or weights file")
+    a.add_argument("--data", help="dataset (default: the one the checkpoint was trained on)")
+    a.add_argument("--num-images", type=int, default=8, help="first N validation images (default: 8)")
+    a.add_argument("--high-pass", type=float, default=0.25,
+                   help="frequency cut-off in cycles per token, 0.5 = Nyquist (default: 0.25)")
+    a.add_argument("--output", default="runs/activations", help="output directory (default: runs/activations)")
+    a.add_argument("--ema", action="store_true", help="use the EMA weights if the checkpoint has them")
     a = analyses.add_parser("calibration", help="expected calibration error (15 bins) and reliability diagram",
                             description="ECE over equal-width confidence bins and a reliability diagram; "
                                         "calibration.json + reliability.png.")
@@ -75,66 +89,58 @@ def add_ablate_parser(sub) -> None:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
 
 
-def _model_and_meta(args):
+def cmd_analyze(args) -> None:
+    """Run one analysis on a checkpoint and print its table."""
+    from .eval.loaders import eval_loader
     from .train import model_from_checkpoint, read_meta
-    return model_from_checkpoint(args.checkpoint, use_ema=args.ema).eval(), read_meta(args.checkpoint)
-
-
-def _train_images(ckpt: str, data: str, batch_size: int):
-    """Training images through the EVALUATION transform (static-quantisation calibration)."""
-    from torch.utils.data import DataLoader
-    from .data import TransformConfig, build_dataset, build_transform
-    from .train import read_meta
-    tcfg = TransformConfig(**read_meta(ckpt)["transform"])
-    ds = build_dataset(data, "train", build_transform(tcfg, is_training=False), img_size=tcfg.img_size,
-                       in_chans=tcfg.in_chans)
-    return DataLoader(ds, batch_size=batch_size, shuffle=False)
-
-
-def run_analysis(args) -> bool:
-    """Run one of ANALYSES if args.analysis names it; False for the others."""
-    if args.analysis not in ANALYSES:
-        return False
-    from .cli import _eval_loader
-    model, meta = _model_and_meta(args)
+    model, meta = model_from_checkpoint(args.checkpoint, use_ema=args.ema).eval(), read_meta(args.checkpoint)
     title = meta.get("model", "")
     if args.analysis == "calibration":
         from .eval.calibration import (analyze_calibration, collect_logits, format_calibration_table,
                                        save_calibration_report)
-        loader, data, n = _eval_loader(args.checkpoint, args.data, args.subset, args.batch_size)
+        loader, data, n = eval_loader(args.checkpoint, args.data, args.subset, args.batch_size)
         result = {**analyze_calibration(*collect_logits(model, loader), num_bins=args.bins), "data": data}
         paths = save_calibration_report(result, args.output, title)
         print(f"{data} ({n} images)\n{format_calibration_table(result)}")
     elif args.analysis == "quantize":
         from .eval.quantize import analyze_quantization, format_quantization_table, save_quantization_report
-        loader, data, n = _eval_loader(args.checkpoint, args.data, args.subset, args.batch_size)
-        calibration = _train_images(args.checkpoint, data, args.batch_size) if "static" in args.methods else None
+        loader, data, n = eval_loader(args.checkpoint, args.data, args.subset, args.batch_size)
+        calibration = (eval_loader(args.checkpoint, data, 0, args.batch_size, split="train")[0]
+                       if "static" in args.methods else None)
         result = {**analyze_quantization(model, loader, calibration, args.methods, args.calibration_batches),
                   "data": data, "calibration_images": args.calibration_batches * args.batch_size}
         paths = save_quantization_report(result, args.output, title)
         print(f"{data} ({n} images), engine {result['engine']}\n{format_quantization_table(result)}")
     elif args.analysis == "resolution":
-        from .data import TransformConfig
         from .eval import accuracy_by_resolution
+        from .eval.loaders import checkpoint_transform
         from .eval.resolution_report import format_resolution_table, save_resolution_report
-        _, data, n = _eval_loader(args.checkpoint, args.data, args.subset, args.batch_size)
-        tcfg = TransformConfig(**meta["transform"])
+        _, data, n = eval_loader(args.checkpoint, args.data, args.subset, args.batch_size)
+        tcfg = checkpoint_transform(args.checkpoint)
         results = accuracy_by_resolution(model, data, args.sizes, tcfg, args.batch_size, args.subset)
         paths = save_resolution_report(results, args.output, tcfg.img_size, title)
         print(f"{data} ({n} images), trained at {tcfg.img_size}\n{format_resolution_table(results)}")
-    else:
+    else:   # attention, activations: a few images, one report each
         import torch
-        from .eval.attention import analyze_attention, format_rank_table, save_attention_report
-        loader, data, _ = _eval_loader(args.checkpoint, args.data, args.num_images, args.num_images)
+        loader, data, _ = eval_loader(args.checkpoint, args.data, args.num_images, args.num_images)
         images, targets = next(iter(loader))
         classes = meta.get("classes")
         labels = [classes[t] if classes else str(int(t)) for t in targets.tolist()]
-        with torch.no_grad():
-            result = analyze_attention(model, images, args.layers, args.heads, args.rtol)
-        paths = save_attention_report(result, images, args.output, labels)
-        print(f"{data}: {len(labels)} images, query: {result['query']}\n{format_rank_table(result)}")
+        if args.analysis == "attention":
+            from .eval.attention import analyze_attention, format_rank_table, save_attention_report
+            with torch.no_grad():
+                result = analyze_attention(model, images, args.layers, args.heads, args.rtol)
+            paths = save_attention_report(result, images, args.output, labels)
+            print(f"{data}: {len(labels)} images, query: {result['query']}\n{format_rank_table(result)}")
+        else:
+            from .eval.activations import ActivationConfig, analyze_activations, save_activation_report
+            cfg = ActivationConfig(high_pass=args.high_pass)
+            with torch.no_grad():
+                result = analyze_activations(model, images, cfg)
+            paths = save_activation_report(result, images, args.output, labels, cfg)
+            print(f"{data}: {len(labels)} images, {len(result['blocks'])} blocks -> {args.output} "
+                  f"({len(paths) - 1} PNG + activations.json)")
     print(f"wrote {', '.join(paths)}")
-    return True
 
 
 def cmd_ablate(args) -> None:

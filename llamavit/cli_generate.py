@@ -9,8 +9,10 @@ import os
 
 import torch
 
+from .cli_options import add_config_flags, config_from_args
 
-def add_generate_parser(sub, add_flags) -> None:
+
+def add_generate_parser(sub) -> None:
     from .train.generate import HELP, GenerateConfig
     p = sub.add_parser("generate", help="class-conditional image generation (DiT / DiT-LLaMA, DDPM or SiT flow)",
                        description="Train class-conditional diffusion transformers, sample image grids, and "
@@ -20,7 +22,7 @@ def add_generate_parser(sub, add_flags) -> None:
         "Train a dit_* or dit_llama_* model with the DDPM (learned-sigma hybrid loss) or SiT flow objective; EMA of "
         "the weights; --resume continues exactly. Options from --config (YAML) overridden by flags."))
     a.add_argument("--config", help="YAML file of options")
-    add_flags(a, GenerateConfig, HELP)
+    add_config_flags(a, GenerateConfig, HELP)
 
     def sampling_flags(q):
         q.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
@@ -68,40 +70,10 @@ def _sample(args, model, meta, labels):
                             eta=args.eta, clip_denoised=meta.get("pixels", True))
 
 
-def real_test_images(num: int, seed: int = 0) -> torch.Tensor:
-    """The first `num` Fashion-MNIST test images, (num, 1, 28, 28) in [0, 1]."""
-    from torchvision import transforms as T
-    from .data import build_dataset
-    ds = build_dataset("fashion_mnist", "val", T.ToTensor())
-    return torch.stack([ds[i][0] for i in range(min(num, len(ds)))])
-
-
-def evaluate_generator(model, meta, classifier_path: str, labels: torch.Tensor, samples: torch.Tensor,
-                       num_real: int = 10000) -> dict:
-    """Classifier-FID and conditional accuracy of pixel samples in [-1, 1] (padded Fashion-MNIST layout)."""
-    from .eval.fid import center_crop, evaluate_samples
-    from .train import model_from_checkpoint, read_meta
-    if not meta.get("pixels", True):
-        raise ValueError("samples of a latent-space model must be decoded before they can be scored")
-    classifier = model_from_checkpoint(classifier_path)
-    tcfg = read_meta(classifier_path).get("transform", {})
-    real = real_test_images(num_real)
-    gen01 = center_crop(((samples.float() + 1) / 2).clamp(0, 1), real.shape[-1])
-    return evaluate_samples(gen01, labels, real, classifier, img_size=tcfg.get("img_size", 28),
-                            in_chans=tcfg.get("in_chans", 1), mean=tcfg.get("mean"), std=tcfg.get("std"))
-
-
-def cmd_generate(args, parse_kv) -> None:
+def cmd_generate(args) -> None:
     if args.action == "train":
-        import yaml
         from .train.generate import GenerateConfig, train_generative
-        values = {k: v for k, v in vars(args).items() if k not in ("command", "config", "action")}
-        if "model_kwargs" in values:
-            values["model_kwargs"] = parse_kv(values["model_kwargs"])
-        if args.config:
-            with open(args.config) as f:
-                values = {**(yaml.safe_load(f) or {}), **values}
-        print(json.dumps(train_generative(GenerateConfig.from_dict(values)), indent=2))
+        print(json.dumps(train_generative(config_from_args(GenerateConfig, args)), indent=2))
         return
     from .diffusion.sampling import class_grid_labels, save_grid
     model, meta = _load(args)
@@ -119,7 +91,8 @@ def cmd_generate(args, parse_kv) -> None:
     per_class = -(-args.num_samples // num_classes)
     labels = class_grid_labels(num_classes, per_class)[:args.num_samples]
     samples = _sample(args, model, meta, labels)
-    metrics = evaluate_generator(model, meta, args.classifier, labels, samples, args.num_real)
+    from .eval.fid import evaluate_generator
+    metrics = evaluate_generator(meta, args.classifier, labels, samples, args.num_real)
     metrics.update(sampler=args.sampler or ("ddpm" if meta["objective"] == "ddpm" else "heun"), steps=args.steps,
                    cfg_scale=args.cfg_scale, seed=args.seed, note="classifier-feature FID, not Inception-FID")
     if args.output:

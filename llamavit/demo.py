@@ -6,7 +6,7 @@ import time
 from .data import build_dataset
 from .predict import predict_images
 from .train import TrainConfig, Trainer
-from .train.loop import transform_config
+from .train.supervised import transform_config
 
 DEMO_MODEL = {"patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3}
 

@@ -6,10 +6,7 @@ import torch.nn as nn
 from PIL import Image, UnidentifiedImageError
 
 from .data import TransformConfig, build_transform
-
-
-class ImageReadError(ValueError):
-    """An image file that cannot be opened or decoded."""
+from .errors import ImageReadError
 
 
 def load_image(path: str) -> Image.Image:

@@ -121,7 +121,7 @@ def test_official_parameter_counts(name, count):
 def test_official_key_names():
     keys = set(small().state_dict())
     assert {"preprocessor.patchifier.proj.weight", "preprocessor.patchifier.proj.bias",
-            "preprocessor.patchifier.norm.weight", "trunk.blocks.0.norm_1.bias", "trunk.blocks.2.attn.qkv.weight",
+            "preprocessor.patchifier.norm.weight", "trunk.blocks.0.norm1.bias", "trunk.blocks.2.attn.qkv.weight",
             "trunk.blocks.2.attn.proj.weight", "trunk.blocks.1.mlp.fc1.weight", "trunk.blocks.1.mlp.fc2.weight",
             "trunk.post_trunk_norm.weight", "head.cls_token", "head.k.weight", "head.v.weight", "head.linear.weight",
             "head.bn.running_mean", "head.bn.running_var", "head.bn.num_batches_tracked"} <= keys

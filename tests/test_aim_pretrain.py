@@ -8,9 +8,9 @@ from safetensors.torch import load_file
 import llamavit
 from llamavit.cli import main as cli_main
 from llamavit.layers import prefix_causal_mask
-from llamavit.train.aim_objective import (AutoregressiveObjective, DecoderConfig, PixelDecoder, next_patch_loss,
-                                          normalized_targets, patchify, sample_prefix_lengths, unpatchify)
-from llamavit.train.aim_pretrain import AIMPretrainer, PretrainConfig
+from llamavit.objectives import (AutoregressiveObjective, DecoderConfig, PixelDecoder, next_patch_loss,
+                                 normalized_targets, patchify, sample_prefix_lengths, unpatchify)
+from llamavit.train.pretrain import Pretrainer, PretrainConfig
 
 TINY_AIM = dict(embed_dim=32, depth=2, num_heads=2, patch_size=8, probe_layers=1)
 TINY_ILLAMA = dict(embed_dim=32, depth=2, num_heads=2, patch_size=8)
@@ -79,9 +79,9 @@ def test_official_decoder_size_and_quirk():
     assert sum(p.numel() for p in dec.parameters()) == expect
     blk = PixelDecoder(8, 4, DecoderConfig(dim=8, depth=1)).decoder_blocks[0]
     x = torch.randn(2, 3, 8)
-    y = x + blk.norm_1(x)
-    assert torch.allclose(blk(x), y + blk.mlp(blk.norm_2(y)))
-    assert PixelDecoder(8, 4, DecoderConfig(dim=8, depth=1, identity_attn_quirk=False)).decoder_blocks[0].norm_1 is None
+    y = x + blk.norm1(x)
+    assert torch.allclose(blk(x), y + blk.mlp(blk.norm2(y)))
+    assert PixelDecoder(8, 4, DecoderConfig(dim=8, depth=1, identity_attn_quirk=False)).decoder_blocks[0].norm1 is None
 
 
 # --- any trunk -----------------------------------------------------------------------------------------
@@ -111,7 +111,7 @@ def _losses(run_dir):
 
 def test_pretraining_lowers_the_loss_and_writes_artifacts(tmp_path):
     cfg = tiny_cfg(tmp_path, epochs=12, log_every=4)
-    summary = AIMPretrainer(cfg).fit()
+    summary = Pretrainer(cfg).fit()
     losses = _losses(tmp_path / "run")
     assert summary["steps"] == 48
     assert sum(losses[-3:]) / 3 < 0.85 * losses[0], losses
@@ -123,10 +123,10 @@ def test_pretraining_lowers_the_loss_and_writes_artifacts(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-    straight = AIMPretrainer(tiny_cfg(tmp_path / "a"))
+    straight = Pretrainer(tiny_cfg(tmp_path / "a"))
     straight.fit()
-    AIMPretrainer(tiny_cfg(tmp_path / "b", max_steps=5)).fit()
-    resumed = AIMPretrainer(tiny_cfg(tmp_path / "b", resume=True))
+    Pretrainer(tiny_cfg(tmp_path / "b", max_steps=5)).fit()
+    resumed = Pretrainer(tiny_cfg(tmp_path / "b", resume=True))
     summary = resumed.fit()
     assert summary["resumed"] and summary["steps"] == straight.step == 12
     assert _losses(tmp_path / "b" / "run") == _losses(tmp_path / "a" / "run")
@@ -138,12 +138,12 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_optimizer_follows_the_recipe(tmp_path):
-    trainer = AIMPretrainer(tiny_cfg(tmp_path))
+    trainer = Pretrainer(tiny_cfg(tmp_path))
     groups = trainer.optimizer.param_groups
     assert all(g["betas"] == (0.9, 0.95) for g in groups)
     no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
     named = dict(trainer.objective.named_parameters())
-    assert id(named["model.trunk.blocks.0.norm_1.weight"]) in no_decay
+    assert id(named["model.trunk.blocks.0.norm1.weight"]) in no_decay
     assert id(named["decoder.decoder_pred.bias"]) in no_decay
     assert id(named["model.trunk.blocks.0.attn.qkv.weight"]) not in no_decay
 
@@ -161,7 +161,7 @@ def test_cli_pretrain_illama(tmp_path, capsys):
 
 def test_nan_loss_stops_pretraining_and_keeps_the_last_good_checkpoint(tmp_path):
     from llamavit.train import NonFiniteLossError
-    trainer = AIMPretrainer(tiny_cfg(tmp_path, ckpt_every=2))
+    trainer = Pretrainer(tiny_cfg(tmp_path, ckpt_every=2))
     real_forward, calls = trainer.objective.forward, []
 
     def nan_from_step_3(images, prefix):

@@ -13,7 +13,7 @@ from llamavit.eval.attention import (analyze_attention, attention_probabilities,
                                      matrix_ranks)
 from llamavit.eval.calibration import calibration_bins, expected_calibration_error
 from llamavit.eval.quantize import analyze_quantization, quantize_dynamic_int8, quantize_static_int8
-from llamavit.layers import Attention, RotaryEmbedding
+from llamavit.layers import Attention, RotaryEmbedding, prefix_causal_mask
 
 
 # --- calibration -----------------------------------------------------------------------------------
@@ -62,14 +62,20 @@ def test_ranks_of_known_matrices():
 
 @pytest.mark.parametrize("mode", ["bidirectional", "causal", "soft", "prefix"])
 def test_attention_probabilities_reproduce_the_layer(mode):
-    attn = Attention(24, 3, num_kv_heads=1 if mode == "prefix" else None, mask_mode=mode)
-    attn.soft_mask_rate, attn.prefix_len = 0.3, 3
+    # 'prefix': AIM's prefix-causal mask, injected at forward (grouped-query heads too)
+    attn = Attention(24, 3, num_kv_heads=1 if mode == "prefix" else None,
+                     mask_mode="bidirectional" if mode == "prefix" else mode)
+    attn.soft_mask_rate = 0.3
+    mask = prefix_causal_mask(9, 3) if mode == "prefix" else None
     x = torch.randn(2, 9, 24)
     rope = RotaryEmbedding(8, 9)(9)
-    probs = attention_probabilities(attn, x, rope)
+    probs = attention_probabilities(attn, x, rope, mask)
+    torch.testing.assert_close(probs, attn.probabilities(x, rope, mask))
     _, _, v = attn.qkv(x).view(2, 9, -1, 8).transpose(1, 2).split([3, attn.num_kv_heads, attn.num_kv_heads], dim=1)
     out = attn.proj((probs @ v.repeat_interleave(3 // attn.num_kv_heads, dim=1)).transpose(1, 2).reshape(2, 9, -1))
-    torch.testing.assert_close(out, attn(x, rope), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, attn(x, rope, mask), atol=1e-5, rtol=1e-5)
+    if mode == "prefix":   # the prefix sees itself whole, the rest is causal
+        assert (probs[..., :3, :3] > 0).all() and (probs.triu(1)[..., 3:] == 0).all()
     if mode == "causal":
         assert (probs.triu(1) == 0).all()
     if mode == "soft":   # the official mask is not renormalised: only the last row (sees every key) sums to one

@@ -283,7 +283,7 @@ def test_nan_loss_stops_generative_training(tmp_path):
                          data="synthetic", img_size=16, epochs=1, batch_size=8, output=str(tmp_path / "run"),
                          progress=False)
     trainer = GenerativeTrainer(cfg)
-    trainer.losses = lambda x, y, g: {"loss": torch.full((x.shape[0],), float("inf"))}
+    trainer.loss = lambda *batch: {"loss": torch.full((), float("inf"), requires_grad=True)}
     with pytest.raises(NonFiniteLossError, match=r"loss is inf at step 0; training stopped"):
         trainer.fit()
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())

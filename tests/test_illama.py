@@ -9,6 +9,7 @@ from timm.layers import resample_abs_pos_embed
 
 import llamavit
 from llamavit import CheckpointError
+from llamavit.layers import block as block_module
 from llamavit.models import illama as illama_module
 
 TOL = 1e-4
@@ -224,8 +225,8 @@ def test_grad_checkpointing_same_output_and_grads(name, monkeypatch):
 
     out_plain, grads_plain = run()
     calls = []
-    real_checkpoint = illama_module.checkpoint
-    monkeypatch.setattr(illama_module, "checkpoint", lambda *a, **kw: calls.append(1) or real_checkpoint(*a, **kw))
+    real_checkpoint = block_module.checkpoint
+    monkeypatch.setattr(block_module, "checkpoint", lambda *a, **kw: calls.append(1) or real_checkpoint(*a, **kw))
     model.set_grad_checkpointing(True)
     assert model.grad_checkpointing is True
     out_ckpt, grads_ckpt = run()

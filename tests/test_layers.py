@@ -377,15 +377,16 @@ def test_prefix_causal_mask_per_sample():
         assert torch.equal(mask[i, 0], prefix_causal_mask(5, n)), f"sample {i}"
 
 
-def test_attention_prefix_mode():
-    attn = Attention(32, 4, mask_mode="prefix").double()
+def test_attention_prefix_mask_is_injected_not_a_mode():
+    attn = Attention(32, 4).double()
     x = torch.randn(3, 7, 32, dtype=torch.float64)
-    attn.prefix_len = 3
-    torch.testing.assert_close(attn(x), _manual_attention(attn, x, prefix_causal_mask(7, 3)))
+    torch.testing.assert_close(attn(x, attn_mask=prefix_causal_mask(7, 3)),
+                               _manual_attention(attn, x, prefix_causal_mask(7, 3)))
     lens = torch.tensor([1, 4, 7])
-    attn.prefix_len = lens
-    out = attn(x)
+    out = attn(x, attn_mask=prefix_causal_mask(7, lens))
     torch.testing.assert_close(out, _manual_attention(attn, x, prefix_causal_mask(7, lens)))
+    with pytest.raises(ValueError, match="unknown mask mode 'prefix'; expected one of"):
+        Attention(32, 4, mask_mode="prefix")
     # sample with prefix 7 sees everything: bidirectional
     bi = Attention(32, 4).double()
     bi.load_state_dict(attn.state_dict())
@@ -427,7 +428,7 @@ def test_attention_constructor_errors():
     with pytest.raises(ValueError, match=r"num_heads \(4\) must be a multiple of num_kv_heads \(3\)"):
         Attention(48, 4, num_kv_heads=3)
     with pytest.raises(ValueError, match=r"unknown mask mode 'sliding'; expected one of \('bidirectional', 'causal', "
-                                         r"'prefix', 'soft'\)"):
+                                         r"'soft'\)"):
         Attention(32, 4, mask_mode="sliding")
     with pytest.raises(ValueError, match=r"dim \(30\) must be divisible by num_heads \(4\)"):
         Attention(30, 4)

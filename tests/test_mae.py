@@ -5,7 +5,7 @@ import torch
 
 import llamavit
 from llamavit.cli import main
-from llamavit.train.mae import MAEDecoderConfig, MAEObjective, gather_rope, random_masking
+from llamavit.objectives import MAEDecoderConfig, MAEObjective, patchify, random_masking
 
 TRUNK = dict(embed_dim=32, depth=2, num_heads=2, img_size=16, patch_size=4, in_chans=1, num_classes=0,
              mlp_multiple_of=8, init_values=None)
@@ -33,11 +33,13 @@ def test_masking_keeps_exactly_the_right_patches(n, ratio, kept):
 
 
 def test_kept_tokens_take_the_full_grid_rope_rows():
-    obj = objective()
-    tables = obj.trunk.rope_tables((16, 16))   # class row first
-    rows = torch.tensor([[0, 5, 1, 16], [0, 2, 9, 3]])
-    cos, sin = gather_rope(tables, rows)
-    assert cos.shape == (2, 1, 4, 8)
+    trunk = objective().trunk
+    tables = trunk.rope_tables((16, 16))   # class row first
+    keep = torch.tensor([[4, 0, 15], [1, 8, 2]])
+    tokens, args, _ = trunk.embed(torch.randn(2, 1, 16, 16), keep=keep)
+    cos, sin = args["rope"]
+    assert tokens.shape == (2, 4, 32) and cos.shape == (2, 1, 4, 8)
+    rows = torch.tensor([[0, 5, 1, 16], [0, 2, 9, 3]])   # the class token, then patch p at row p + 1
     for b in range(2):
         assert torch.equal(cos[b, 0], tables[0][rows[b]]) and torch.equal(sin[b, 0], tables[1][rows[b]])
 
@@ -52,7 +54,7 @@ def test_encoder_on_shuffled_tokens_equals_the_trunk(kwargs):
     ids_keep, mask = random_masking(2, 16, 0.0)
     assert mask.sum() == 0 and not torch.equal(ids_keep[0], torch.arange(16))
     with torch.no_grad():
-        ours = obj.encode(images, ids_keep)
+        ours = obj.trunk.forward_features(images, keep=ids_keep)
         ref = obj.trunk.forward_features(images)
         if obj.trunk.num_prefix_tokens == 0:
             ref = obj.trunk.norm(ref)
@@ -67,7 +69,7 @@ def test_loss_counts_only_masked_patches():
     torch.manual_seed(3)
     loss, preds, mask = obj(images)
     assert preds.shape == (2, 16, 16) and mask.sum().item() == 2 * 12
-    target = llamavit.train.aim_objective.patchify(images, 4)
+    target = patchify(images, 4)
     target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
     per_patch = ((preds - target) ** 2).mean(-1)
     assert torch.allclose(loss, per_patch[mask.bool()].mean())

@@ -145,7 +145,8 @@ def test_rope_tables_equal_official_tables(official):
         model = llamavit.create_model(name, **kwargs)
         grid = kwargs["img_size"] // kwargs.get("patch_size", 4)
         for i in range(4):
-            (window,), (q, k) = model.stage_ropes(i, (grid >> i, grid >> i))
+            lsa, gsa = model.stage_ropes(i, (grid >> i, grid >> i))
+            window, q, k = lsa["rope"], gsa["rope"], gsa["key_rope"]
             for key, table in ((f"rope_lsa_s{i}", window), (f"rope_gsa_q_s{i}", q), (f"rope_gsa_k_s{i}", k)):
                 ref = outs[key]
                 assert max_diff(table[0], ref[..., 0]) < 1e-6 and max_diff(table[1], ref[..., 1]) < 1e-6, key

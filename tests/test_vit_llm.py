@@ -13,7 +13,7 @@ from timm.optim import create_optimizer_v2
 import llamavit
 from llamavit import CheckpointError
 from llamavit.info import model_info
-from llamavit.layers.llama_block import LLaMADecoderLayer
+from llamavit.layers.llama_block import llama_decoder_block
 from llamavit.llm import LLMError, find_smollm2_gguf
 from llamavit.train.checkpoint import model_from_checkpoint, read_meta, save_checkpoint
 from llm_files import TinyLLM, write_gguf, write_meta
@@ -182,7 +182,7 @@ def test_same_weights_from_meta_and_gguf_formats(tiny_llm):
 
 def test_llama_block_matches_the_official_formula_with_gqa():
     torch.manual_seed(0)
-    layer = LLaMADecoderLayer(dim=32, n_heads=4, n_kv_heads=2, ffn_hidden=48, norm_eps=1e-5)
+    layer = llama_decoder_block(dim=32, n_heads=4, n_kv_heads=2, ffn_hidden=48, norm_eps=1e-5)
     for p in layer.parameters():
         p.data.normal_(0, 0.2)
     x = torch.randn(2, 7, 32)
@@ -190,15 +190,15 @@ def test_llama_block_matches_the_official_formula_with_gqa():
     def rms(t, w):
         return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-5) * w
 
-    a = layer.attention
-    h_in = rms(x, layer.attention_norm.weight)
+    a = layer.attn
+    h_in = rms(x, layer.norm1.weight)
     q = (h_in @ a.wq.weight.T).view(2, 7, 4, 8).transpose(1, 2)
     k = (h_in @ a.wk.weight.T).view(2, 7, 2, 8).transpose(1, 2).repeat_interleave(2, dim=1)
     v = (h_in @ a.wv.weight.T).view(2, 7, 2, 8).transpose(1, 2).repeat_interleave(2, dim=1)
     attn = torch.softmax((q @ k.transpose(-2, -1)) / 8 ** 0.5, dim=-1) @ v   # no mask, no RoPE
     h = x + attn.transpose(1, 2).reshape(2, 7, 32) @ a.wo.weight.T
-    f = layer.feed_forward
-    g = rms(h, layer.ffn_norm.weight)
+    f = layer.mlp
+    g = rms(h, layer.norm2.weight)
     want = h + (torch.nn.functional.silu(g @ f.w1.weight.T) * (g @ f.w3.weight.T)) @ f.w2.weight.T
     with torch.no_grad():
         assert max_diff(layer(x), want) < 1e-5
@@ -221,7 +221,7 @@ def test_untrained_block_warns_random_control_does_not(tiny_llm):
                                         **SMALL)
         control(torch.randn(1, 3, 32, 32))
     assert any(k.startswith("llama.layers.0.") for k in control.state_dict())   # a random block is saved
-    w = control.llama.layers[0].attention.wq.weight
+    w = control.llama.layers[0].attn.wq.weight
     assert 0.015 < w.std() < 0.025   # the official random block: trunc_normal(std 0.02)
 
 
@@ -252,7 +252,7 @@ def test_smollm2_default_is_the_wheels_last_layer():
     src = model.llm_source
     assert src["path"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and src["layers"] == [29]
     assert (src["dim"], src["n_heads"], src["n_kv_heads"], src["ffn_hidden"]) == (576, 9, 3, 1536)
-    assert model.llama.layers[0].attention_norm.eps == 1e-5
+    assert model.llama.layers[0].norm1.eps == 1e-5
     out = model(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 5) and torch.isfinite(out).all()
 

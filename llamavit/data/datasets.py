@@ -14,16 +14,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 
+from ..errors import DatasetError
 from .shards import ShardDataset, is_shard_dir
 
 FASHION_MNIST_DIR = os.environ.get("LLAMAVIT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_INSTALL = "sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist"
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "llamavit")
-
-
-class DatasetError(RuntimeError):
-    """A dataset that is missing or unreadable; the message says how to fix it."""
 
 
 class FashionMNIST(tvd.FashionMNIST):

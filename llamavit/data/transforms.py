@@ -31,6 +31,14 @@ def _channels(values: Optional[Sequence[float]], default: Sequence[float], in_ch
     raise ValueError(f"normalisation has {len(values)} channel values but the model takes {in_chans} channels")
 
 
+def rgb_normalization(mean: Optional[Sequence[float]], std: Optional[Sequence[float]],
+                      in_chans: int) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """(mean, std) with 3 values each for the RGB pipeline of a model taking `in_chans` channels
+    (None: ImageNet's; one value is repeated)."""
+    return (_channels(_channels(mean, IMAGENET_DEFAULT_MEAN, in_chans), (), 3),
+            _channels(_channels(std, IMAGENET_DEFAULT_STD, in_chans), (), 3))
+
+
 def build_transform(cfg: TransformConfig, is_training: bool) -> Callable:
     """PIL image -> normalised (in_chans, img_size, img_size) float tensor.
 
@@ -40,8 +48,7 @@ def build_transform(cfg: TransformConfig, is_training: bool) -> Callable:
     """
     if cfg.in_chans not in (1, 3):
         raise ValueError(f"image transforms support 1 or 3 channels, got in_chans={cfg.in_chans}")
-    mean = _channels(_channels(cfg.mean, IMAGENET_DEFAULT_MEAN, cfg.in_chans), (), 3)
-    std = _channels(_channels(cfg.std, IMAGENET_DEFAULT_STD, cfg.in_chans), (), 3)
+    mean, std = rgb_normalization(cfg.mean, cfg.std, cfg.in_chans)
     tf = create_transform(
         input_size=(3, cfg.img_size, cfg.img_size), is_training=is_training, scale=cfg.scale,
         hflip=cfg.hflip, vflip=0.0, color_jitter=None, auto_augment=cfg.auto_augment if is_training else None,

@@ -1,11 +1,12 @@
 """Attention maps and their rank (iLLaMA's "causal attention raises attention-map rank").
 
 Our Attention layer runs on fused SDPA, which never forms the probability matrix, so a forward hook
-on every attention module takes its inputs and recomputes the matrix the layer applies to the values:
-    A = softmax(q k^T * scale + mask bias)       bidirectional / causal / prefix / explicit masks
+on every attention module takes its inputs and asks the layer for the matrix it applies to the values
+(`Attention.probabilities`, the same q/k/RoPE/mask code as its forward):
+    A = softmax(q k^T * scale + mask bias)       bidirectional / causal / explicit masks
     A = softmax(q k^T * scale) * M(r)            iLLaMA's soft mask (rows need not sum to one)
-with q, k after RoPE. Supported modules: llamavit.layers.Attention (every mask mode, RoPE, grouped
-heads) and timm's ViT Attention (timm: baselines).
+Supported modules: llamavit.layers.Attention (every mask mode, RoPE, grouped heads) and timm's ViT
+Attention (timm: baselines).
 
 Rank of an (N, N) map: the number of singular values above rtol * the largest (rtol None = torch's
 default, N * float32 eps: the numerical rank). Effective rank: exp of the entropy of the singular
@@ -18,9 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..layers import Attention
-from ..layers.attention import prefix_causal_mask
-from ..layers.rope import apply_rope
+from ..layers import Attention, attention_weights
 
 try:
     from timm.models.vision_transformer import Attention as TimmAttention
@@ -55,39 +54,20 @@ def attention_probabilities(module: nn.Module, x: torch.Tensor,
                             rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                             attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
     """The (B, heads, N, N) matrix `module` applies to its values for input x (B, N, D)."""
-    b, n, _ = x.shape
     if isinstance(module, Attention):
-        q, k, _ = module.qkv(x).view(b, n, -1, module.head_dim).transpose(1, 2).split(
-            [module.num_heads, module.num_kv_heads, module.num_kv_heads], dim=1)
-        if rope is not None:
-            q, k = apply_rope(q, *rope, layout=module.rope_layout), apply_rope(k, *rope, layout=module.rope_layout)
-        k = k.repeat_interleave(module.num_heads // module.num_kv_heads, dim=1)
-        scale, mode = module.head_dim ** -0.5, module.mask_mode
-    elif TimmAttention and isinstance(module, TimmAttention):
+        return module.probabilities(x, rope, attn_mask)
+    if TimmAttention and isinstance(module, TimmAttention):
+        b, n, _ = x.shape
         q, k, _ = module.qkv(x).reshape(b, n, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = module.q_norm(q), module.k_norm(k)
-        scale, mode = module.scale, "causal" if is_causal else "bidirectional"
-    else:
-        raise TypeError(f"cannot compute attention probabilities of {type(module).__name__}")
-    scores = (q.float() @ k.float().transpose(-2, -1)) * scale
-    if attn_mask is not None:   # an explicit mask overrides the mode, as in the layers themselves
-        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
-        return scores.softmax(dim=-1)
-    if mode == "causal":
-        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
-    elif mode == "prefix":
-        scores = scores.masked_fill(~prefix_causal_mask(n, module.prefix_len, device=x.device), float("-inf"))
-    probs = scores.softmax(dim=-1)
-    if mode == "soft" and module.soft_mask_rate < 1.0:
-        r = module.soft_mask_rate
-        probs = probs * (r + (1 - r) * torch.ones(n, n, device=x.device).tril())
-    return probs
+        q, k = module.q_norm(q), module.k_norm(k)   # timm scales by head_dim ** -0.5, as attention_weights does
+        return attention_weights(q, k, "causal" if is_causal else "bidirectional", attn_mask=attn_mask)
+    raise TypeError(f"cannot compute attention probabilities of {type(module).__name__}")
 
 
 def attention_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     """The supported attention modules of `model`, in forward (registration) order."""
     found = [(name, m) for name, m in model.named_modules()
-             if isinstance(m, Attention) or (TimmAttention and isinstance(m, TimmAttention))]
+             if type(m) is Attention or (TimmAttention and isinstance(m, TimmAttention))]   # not per-window maps
     if not found:
         raise ValueError(f"{type(model).__name__} has no attention module this analysis supports "
                          f"(llamavit.layers.Attention or timm's ViT Attention)")

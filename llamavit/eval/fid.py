@@ -18,7 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from torchvision import transforms as T
+
+from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, build_dataset
+from ..train.checkpoint import model_from_checkpoint, read_meta
 
 
 def _sqrtm_psd(m: torch.Tensor) -> torch.Tensor:
@@ -87,3 +90,26 @@ def evaluate_samples(samples01: torch.Tensor, labels: torch.Tensor, real01: torc
     return {"fid": frechet_distance(*feature_stats(gen_feats), *feature_stats(real_feats)),
             "accuracy": 100.0 * correct.mean().item(), "per_class_accuracy": per_class,
             "num_samples": len(samples01), "num_real": len(real01)}
+
+
+def real_test_images(num: int) -> torch.Tensor:
+    """The first `num` Fashion-MNIST test images, (num, 1, 28, 28) in [0, 1]."""
+    ds = build_dataset("fashion_mnist", "val", T.ToTensor())
+    return torch.stack([ds[i][0] for i in range(min(num, len(ds)))])
+
+
+def evaluate_generator(meta: dict, classifier_path: str, labels: torch.Tensor, samples: torch.Tensor,
+                       num_real: int = 10000) -> Dict[str, float]:
+    """Classifier-FID and conditional accuracy of a generator's pixel samples in [-1, 1] (the padded
+    Fashion-MNIST layout of `llamavit generate train`), scored by the llamavit classifier at classifier_path.
+
+    meta: the generator checkpoint's metadata (latent-space samples are refused: decode them first).
+    """
+    if not meta.get("pixels", True):
+        raise ValueError("samples of a latent-space model must be decoded before they can be scored")
+    classifier = model_from_checkpoint(classifier_path)
+    tcfg = read_meta(classifier_path).get("transform", {})
+    real = real_test_images(num_real)
+    gen01 = center_crop(((samples.float() + 1) / 2).clamp(0, 1), real.shape[-1])
+    return evaluate_samples(gen01, labels, real, classifier, img_size=tcfg.get("img_size", 28),
+                            in_chans=tcfg.get("in_chans", 1), mean=tcfg.get("mean"), std=tcfg.get("std"))

@@ -1,9 +1,8 @@
 """One multi-head attention module with mask modes, always on `F.scaled_dot_product_attention`.
 
-Mask modes:
+Mask modes (fixed at construction; an `attn_mask` given at forward overrides them):
 - 'bidirectional': every token sees every token;
 - 'causal': standard renormalised causal attention (token i sees j <= i);
-- 'prefix': prefix-causal (j <= i or j < prefix_len), the AIM pre-training mask;
 - 'soft': iLLaMA's soft mask. The official code multiplies the softmax probabilities by
   M = r * 1 + (1 - r) * tril(1) AFTER the softmax and does not renormalise, so causal rows do not sum
   to one. Standard causal SDPA gives different numbers.
@@ -30,7 +29,9 @@ import torch.nn.functional as F
 
 from .rope import apply_rope
 
-MASK_MODES = ("bidirectional", "causal", "prefix", "soft")
+RopeTables = Optional[Tuple[torch.Tensor, torch.Tensor]]
+
+MASK_MODES = ("bidirectional", "causal", "soft")
 
 
 def soft_mask_bias(num_tokens: int, rate: float, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -135,7 +136,7 @@ def naive_soft_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def prefix_causal_mask(num_tokens: int, prefix_len, device=None) -> torch.Tensor:
-    """Boolean SDPA mask, True = may attend: j <= i or j < prefix_len.
+    """Boolean SDPA mask, True = may attend: j <= i or j < prefix_len (AIM's pre-training mask).
 
     prefix_len: an int -> (N, N); a (B,) tensor of per-sample lengths -> (B, 1, N, N).
     """
@@ -147,21 +148,75 @@ def prefix_causal_mask(num_tokens: int, prefix_len, device=None) -> torch.Tensor
     return causal | (idx[None, :] < int(prefix_len))
 
 
+# --- the one attention core: RoPE on q and k, then the mask mode or explicit mask, on SDPA ---------------------------
+
+def rotate_qk(q: torch.Tensor, k: torch.Tensor, rope: RopeTables = None, key_rope: RopeTables = None,
+              layout: str = "interleaved") -> Tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on queries (tables `rope`) and keys (`key_rope`, default `rope`). q: (B, H, N, d); k: (B, Hkv, M, d)."""
+    key_rope = rope if key_rope is None else key_rope
+    if rope is not None:
+        q = apply_rope(q, *rope, layout=layout)
+    if key_rope is not None:
+        k = apply_rope(k, *key_rope, layout=layout)
+    return q, k
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_mode: str = "bidirectional",
+           soft_mask_rate: float = 0.0, attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """Attention of rotated q (B, H, N, d) over k, v (B, Hkv, M, d) -> (B, H, N, d).
+
+    An explicit `attn_mask` (boolean, True = may attend, or additive; (N, M) or (B, 1, N, M)) overrides the
+    mask mode. Hkv < H is grouped-query attention.
+    """
+    gqa = k.shape[-3] != q.shape[-3]
+    if attn_mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, enable_gqa=gqa)
+    if mask_mode == "soft":
+        return soft_mask_attention(q, k, v, soft_mask_rate, dropout_p=dropout_p, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=mask_mode == "causal", dropout_p=dropout_p,
+                                          enable_gqa=gqa)
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor, mask_mode: str = "bidirectional", soft_mask_rate: float = 0.0,
+                      attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The (B, H, N, M) float32 matrix `attend` applies to the values, computed explicitly.
+
+    Soft mask: softmax(q k^T * scale) * M(r), whose causal rows need not sum to one (the official form).
+    """
+    n, m = q.shape[-2], k.shape[-2]
+    k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+    scores = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+        return scores.softmax(dim=-1)
+    if mask_mode == "causal":
+        scores = scores.masked_fill(torch.ones(n, m, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    probs = scores.softmax(dim=-1)
+    if mask_mode == "soft" and soft_mask_rate < 1.0:
+        r = soft_mask_rate
+        probs = probs * (r + (1 - r) * torch.ones(n, m, device=q.device).tril())
+    return probs
+
+
+def check_mask_mode(mask_mode: str) -> None:
+    if mask_mode not in MASK_MODES:
+        raise ValueError(f"unknown mask mode {mask_mode!r}; expected one of {MASK_MODES}")
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with grouped-query heads, optional RoPE and a mask mode.
 
     x: (B, N, dim) -> (B, N, dim). `qkv` is one Linear producing num_heads query heads and
     num_kv_heads key/value heads (num_kv_heads < num_heads = grouped-query attention).
     An explicit `attn_mask` given to forward (boolean, True = may attend; (N, N) or (B, 1, N, N))
-    overrides the mask mode.
+    overrides the mask mode. `probabilities` returns the attention matrix the forward pass applies.
     """
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: Optional[int] = None, qkv_bias: bool = True,
                  proj_bias: bool = True, mask_mode: str = "bidirectional", head_dim: Optional[int] = None,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, rope_layout: str = "interleaved"):
         super().__init__()
-        if mask_mode not in MASK_MODES:
-            raise ValueError(f"unknown mask mode {mask_mode!r}; expected one of {MASK_MODES}")
+        check_mask_mode(mask_mode)
         num_kv_heads = num_kv_heads or num_heads
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
@@ -174,34 +229,32 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.mask_mode = mask_mode
         self.soft_mask_rate = 0.0
-        self.prefix_len = 1
         self.rope_layout = rope_layout
         self.attn_drop = attn_drop
         self.qkv = nn.Linear(dim, (num_heads + 2 * num_kv_heads) * head_dim, bias=qkv_bias)
         self.proj = nn.Linear(num_heads * head_dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def qkv_heads(self, x: torch.Tensor, rope: RopeTables = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, N, dim) -> rotated q (B, H, N, d), k and v (B, Hkv, N, d)."""
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, -1, self.head_dim).transpose(1, 2).split(
             [self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
-        if rope is not None:
-            q = apply_rope(q, *rope, layout=self.rope_layout)
-            k = apply_rope(k, *rope, layout=self.rope_layout)
-        dropout_p = self.attn_drop if self.training else 0.0
-        gqa = self.num_kv_heads != self.num_heads
-        if attn_mask is not None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, enable_gqa=gqa)
-        elif self.mask_mode == "soft":
-            out = soft_mask_attention(q, k, v, self.soft_mask_rate, dropout_p=dropout_p, enable_gqa=gqa)
-        elif self.mask_mode == "prefix":
-            mask = prefix_causal_mask(n, self.prefix_len, device=x.device)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.mask_mode == "causal",
-                                                 dropout_p=dropout_p, enable_gqa=gqa)
+        q, k = rotate_qk(q, k, rope, layout=self.rope_layout)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, rope: RopeTables = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv_heads(x, rope)
+        out = attend(q, k, v, self.mask_mode, self.soft_mask_rate, attn_mask,
+                     self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, -1)))
+
+    def probabilities(self, x: torch.Tensor, rope: RopeTables = None,
+                      attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The (B, heads, N, N) float32 matrix the forward pass applies to the values, for input x (B, N, dim)."""
+        q, k, _ = self.qkv_heads(x, rope)
+        return attention_weights(q, k, self.mask_mode, self.soft_mask_rate, attn_mask)
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "

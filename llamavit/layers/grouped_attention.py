@@ -1,23 +1,22 @@
 """The two attentions of Twins-SVT style pyramids, with 2D RoPE on queries and keys.
 
-- WindowAttention (locally-grouped, LSA): self-attention inside non-overlapping ws x ws windows.
-  The map is zero-padded to a multiple of ws (no mask: padded tokens take part, as in Twins).
+- WindowAttention (locally-grouped, LSA): self-attention inside non-overlapping ws x ws windows, i.e.
+  `Attention` applied to each window as a sequence. The map is zero-padded to a multiple of ws (no
+  mask: padded tokens take part, as in Twins).
 - SubsampledAttention (global sub-sampled, GSA): every query attends to keys/values computed from
   the map sub-sampled by a strided conv (kernel = stride = sr) and a LayerNorm.
-Both run on `F.scaled_dot_product_attention`; the RoPE tables come from the caller.
+Both use the attention core of attention.py (RoPE on q/k, then SDPA); the RoPE tables come from the caller.
 """
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .rope import apply_rope
-
-RopeTables = Optional[Tuple[torch.Tensor, torch.Tensor]]
+from .attention import Attention, RopeTables, attend, rotate_qk
 
 
-class WindowAttention(nn.Module):
+class WindowAttention(Attention):
     """Multi-head attention within ws x ws windows. x: (B, H*W, C) raster order -> (B, H*W, C).
 
     rope: (cos, sin) tables (ws*ws, head_dim // 2) over window-local positions, shared by all windows.
@@ -25,16 +24,8 @@ class WindowAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, window_size: int, qkv_bias: bool = True, attn_drop: float = 0.0,
                  proj_drop: float = 0.0):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, proj_bias=True, attn_drop=attn_drop, proj_drop=proj_drop)
         self.window_size = window_size
-        self.attn_drop = attn_drop
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, grid: Tuple[int, int], rope: RopeTables = None) -> torch.Tensor:
         b, n, c = x.shape
@@ -47,13 +38,9 @@ class WindowAttention(nn.Module):
         hp, wp = h + pad_b, w + pad_r
         nh, nw = hp // ws, wp // ws
         windows = x.view(b, nh, ws, nw, ws, c).transpose(2, 3).reshape(b * nh * nw, ws * ws, c)
-        q, k, v = self.qkv(windows).view(-1, ws * ws, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        out = out.transpose(1, 2).reshape(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, hp, wp, c)
-        out = out[:, :h, :w].reshape(b, n, c)
-        return self.proj_drop(self.proj(out))
+        out = super().forward(windows, rope)
+        out = out.view(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, hp, wp, c)
+        return out[:, :h, :w].reshape(b, n, c)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, head_dim={self.head_dim}, window_size={self.window_size}"
@@ -62,7 +49,7 @@ class WindowAttention(nn.Module):
 class SubsampledAttention(nn.Module):
     """Queries from every token, keys/values from the map sub-sampled by `sr_ratio`.
 
-    x: (B, H*W, C) -> (B, H*W, C). q_rope: tables (H*W, head_dim // 2); k_rope: tables
+    x: (B, H*W, C) -> (B, H*W, C). rope: query tables (H*W, head_dim // 2); key_rope: tables
     (M, head_dim // 2) for the M = (H // sr) * (W // sr) sub-sampled tokens.
     """
 
@@ -86,19 +73,15 @@ class SubsampledAttention(nn.Module):
     def reduced_grid(self, grid: Tuple[int, int]) -> Tuple[int, int]:
         return grid[0] // self.sr_ratio, grid[1] // self.sr_ratio
 
-    def forward(self, x: torch.Tensor, grid: Tuple[int, int], q_rope: RopeTables = None,
-                k_rope: RopeTables = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: Tuple[int, int], rope: RopeTables = None,
+                key_rope: RopeTables = None) -> torch.Tensor:
         b, n, c = x.shape
         q = self.q(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         if self.sr_ratio > 1:
-            x = self.sr(x.transpose(1, 2).reshape(b, c, *grid)).flatten(2).transpose(1, 2)
-            x = self.norm(x)
+            x = self.norm(self.sr(x.transpose(1, 2).reshape(b, c, *grid)).flatten(2).transpose(1, 2))
         k, v = self.kv(x).view(b, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if q_rope is not None:
-            q = apply_rope(q, *q_rope)
-        if k_rope is not None:
-            k = apply_rope(k, *k_rope)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        q, k = rotate_qk(q, k, rope, key_rope)
+        out = attend(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
 
     def extra_repr(self) -> str:

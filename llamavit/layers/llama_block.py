@@ -1,22 +1,26 @@
-"""A LLaMA decoder layer under Meta's parameter names, used as a FROZEN visual encoder layer.
+"""A LLaMA decoder layer, used as a FROZEN visual encoder layer: our Block around LLaMA's attention and FFN.
 
 As in "Frozen Transformers in Language Models Are Effective Visual Encoder Layers" (Pang et al.):
 no attention mask and no RoPE (image tokens have no causal order, and q/k row order then does not
 matter), softmax in float32, grouped-query attention when the LLM has fewer KV heads.
-Keys: attention.{wq,wk,wv,wo}.weight, feed_forward.{w1,w2,w3}.weight, attention_norm.weight,
-ffn_norm.weight — the names Meta's checkpoints and `llamavit.llm` readers use.
+The attention and FFN keep Meta's parameter names (wq, wk, wv, wo; w1, w2, w3); the layer's parts are the
+Block's (norm1, attn, norm2, mlp), so Meta's attention_norm / attention / ffn_norm / feed_forward map onto
+them one to one (`meta_to_block_key`), as the `llamavit.llm` readers return them.
 """
 import contextlib
+from functools import partial
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .block import Block
 from .norm import RMSNorm
 
 
 class LLaMAAttention(nn.Module):
-    """Bidirectional multi-head attention without RoPE. (B, N, dim) -> (B, N, dim)."""
+    """Multi-head attention without RoPE, bidirectional unless a mask is given. (B, N, dim) -> (B, N, dim)."""
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int):
         super().__init__()
@@ -28,7 +32,8 @@ class LLaMAAttention(nn.Module):
         self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
         self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """attn_mask: boolean SDPA mask (True = may attend), (N, N) or (B, 1, N, N); None = every token sees all."""
         b, n, _ = x.shape
         q = self.wq(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -37,7 +42,7 @@ class LLaMAAttention(nn.Module):
         # attention product runs in float32
         autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
         with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
                                                  enable_gqa=self.n_kv_heads != self.n_heads).to(q.dtype)
         return self.wo(out.transpose(1, 2).reshape(b, n, -1))
 
@@ -55,17 +60,21 @@ class LLaMAFeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-class LLaMADecoderLayer(nn.Module):
-    """h = x + attn(rms(x)); out = h + ffn(rms(h)). (B, N, dim) -> (B, N, dim)."""
+# Meta's names of one decoder layer's parts -> the parts of our Block
+META_TO_BLOCK = (("attention_norm.", "norm1."), ("attention.", "attn."), ("ffn_norm.", "norm2."),
+                 ("feed_forward.", "mlp."))
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, ffn_hidden: int, norm_eps: float,
-                 head_dim: int = None):
-        super().__init__()
-        self.attention = LLaMAAttention(dim, n_heads, n_kv_heads, head_dim or dim // n_heads)
-        self.feed_forward = LLaMAFeedForward(dim, ffn_hidden)
-        self.attention_norm = RMSNorm(dim, eps=norm_eps)
-        self.ffn_norm = RMSNorm(dim, eps=norm_eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x))
-        return h + self.feed_forward(self.ffn_norm(h))
+def meta_to_block_key(key: str) -> str:
+    """'attention.wq.weight' (Meta, relative to layers.{i}.) -> 'attn.wq.weight' (our Block); others unchanged."""
+    for meta, ours in META_TO_BLOCK:
+        if key.startswith(meta):
+            return ours + key[len(meta):]
+    return key
+
+
+def llama_decoder_block(dim: int, n_heads: int, n_kv_heads: int, ffn_hidden: int, norm_eps: float,
+                        head_dim: Optional[int] = None) -> Block:
+    """A LLaMA decoder layer as our Block: h = x + attn(rms(x)); out = h + ffn(rms(h)). (B, N, dim) -> (B, N, dim)."""
+    attn = LLaMAAttention(dim, n_heads, n_kv_heads, head_dim or dim // n_heads)
+    return Block(dim, attn, LLaMAFeedForward(dim, ffn_hidden), norm_layer=partial(RMSNorm, eps=norm_eps))

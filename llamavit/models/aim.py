@@ -10,17 +10,17 @@ backbone/head files load without renaming. The same trunk serves probing (no mas
 (`model(x, attn_mask=prefix_causal_mask(...))`, `forward_trunk` for the decoder's input).
 """
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from functools import partial
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, Mlp
-from torch.utils.checkpoint import checkpoint
+from timm.layers import Mlp
+from timm.models._features import feature_take_indices
 
-from ..layers import Attention, PatchEmbed
-from ..layers.attentive_pool import AttentivePoolingHead
+from ..layers import Attention, AttentivePoolingHead, Block, PatchEmbed
 from ..layers.pos_embed import sincos_2d
-from .common import ClassifierContract
+from .common import ClassifierContract, TokenTrunk
 
 
 @dataclass
@@ -64,21 +64,12 @@ class Preprocessor(nn.Module):
         return tokens + pos.to(tokens.dtype)
 
 
-class Block(nn.Module):
-    """x + attn(LN(x), mask), x + mlp(LN(x)); all Linears bias-free, exact GELU. (B, N, D) -> (B, N, D)."""
-
-    def __init__(self, cfg: AIMConfig, drop_path: float = 0.0):
-        super().__init__()
-        dim = cfg.embed_dim
-        self.norm_1 = nn.LayerNorm(dim, eps=cfg.norm_eps)
-        self.attn = Attention(dim, cfg.num_heads, qkv_bias=cfg.qkv_bias, proj_bias=False)
-        self.norm_2 = nn.LayerNorm(dim, eps=cfg.norm_eps)
-        self.mlp = Mlp(dim, int(cfg.mlp_ratio * dim), act_layer=nn.GELU, bias=False)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm_1(x), attn_mask=attn_mask))
-        return x + self.drop_path(self.mlp(self.norm_2(x)))
+def build_block(cfg: AIMConfig, drop_path: float = 0.0) -> Block:
+    """x + attn(LN(x), mask), x + mlp(LN(x)); all Linears bias-free, exact GELU."""
+    dim = cfg.embed_dim
+    attn = Attention(dim, cfg.num_heads, qkv_bias=cfg.qkv_bias, proj_bias=False)
+    mlp = Mlp(dim, int(cfg.mlp_ratio * dim), act_layer=nn.GELU, bias=False)
+    return Block(dim, attn, mlp, norm_layer=partial(nn.LayerNorm, eps=cfg.norm_eps), drop_path=drop_path)
 
 
 class Trunk(nn.Module):
@@ -87,7 +78,7 @@ class Trunk(nn.Module):
     def __init__(self, cfg: AIMConfig):
         super().__init__()
         dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-        self.blocks = nn.ModuleList([Block(cfg, dpr[i]) for i in range(cfg.depth)])
+        self.blocks = nn.ModuleList([build_block(cfg, dpr[i]) for i in range(cfg.depth)])
         self.post_trunk_norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
 
 
@@ -103,14 +94,17 @@ def resolve_probe_layers(probe_layers: Union[int, Sequence[int]], depth: int) ->
     return layers
 
 
-class AIM(ClassifierContract, nn.Module):
+class AIM(TokenTrunk, ClassifierContract, nn.Module):
     """AIM v1 classifier with the attentive probe. forward: (B, C, H, W) -> (B, num_classes).
 
     `forward_features` returns the head input: the mean of the raw (un-normed) outputs of the probe
-    layers, (B, N, D) in raster order; AIM has no final norm on that path.
+    layers, (B, N, D) in raster order; AIM has no final norm on that path. Only the blocks up to the
+    deepest probe layer run.
     """
 
     supports_meta_init = True   # no state outside the state dict: safe to build on 'meta' and load with assign
+    stem_pattern = r"^preprocessor"
+    blocks_pattern = r"^trunk\.blocks\.(\d+)"
 
     def __init__(self, cfg: Optional[AIMConfig] = None, **kwargs):
         super().__init__()
@@ -124,6 +118,7 @@ class AIM(ClassifierContract, nn.Module):
         self.preprocessor = Preprocessor(cfg)
         self.trunk = Trunk(cfg)
         self.head = AttentivePoolingHead(cfg.embed_dim, cfg.num_classes, cfg.num_heads, bn_eps=cfg.norm_eps)
+        self.feature_info = self.feature_info_of(self.trunk.blocks, cfg.patch_size)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -148,34 +143,48 @@ class AIM(ClassifierContract, nn.Module):
         self.num_classes = num_classes
         self.head.reset_classifier(num_classes)
 
-    # --- forward -------------------------------------------------------------------------------
-    def _blocks(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], last: int) -> List[torch.Tensor]:
-        """Run blocks 0..last; returns every block's raw output."""
-        n = x.shape[1]
+    def checkpoint_filter(self, state_dict: dict) -> dict:
+        """Official AIM keys -> ours: a DDP 'module.' prefix stripped, the blocks' norm_1 / norm_2 named
+        norm1 / norm2 (our one block), BatchNorm's counter kept an integer (some exports store it as
+        float, which `load_state_dict(assign=True)` would keep)."""
+        out = {}
+        for k, v in state_dict.items():
+            k = k.removeprefix("module.").replace(".norm_1.", ".norm1.").replace(".norm_2.", ".norm2.")
+            if k.endswith("num_batches_tracked"):
+                v = v.long()
+            out[k] = v
+        return out
+
+    # --- forward (TokenTrunk) ------------------------------------------------------------------
+    def trunk_blocks(self) -> nn.ModuleList:
+        return self.trunk.blocks
+
+    def final_layers(self) -> Tuple[int, ...]:
+        return self.probe_layers
+
+    def finish(self, outputs: Dict[int, torch.Tensor], attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return torch.stack([outputs[i] for i in self.probe_layers]).mean(dim=0)
+
+    def intermediate_norm(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.trunk.post_trunk_norm(tokens)
+
+    def embed(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None):
+        """Images (B, C, H, W) -> (patch tokens with positions (B, N, D), block arguments, patch grid)."""
+        tokens = self.preprocessor(x)
+        n = tokens.shape[1]
         if attn_mask is not None and tuple(attn_mask.shape[-2:]) != (n, n):
             raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not fit {n} tokens; expected "
                              f"(N, N) or (B, 1, N, N) with N = {n}")
-        outputs = []
-        for blk in self.trunk.blocks[:last + 1]:
-            if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, attn_mask, use_reentrant=False)
-            else:
-                x = blk(x, attn_mask)
-            outputs.append(x)
-        return outputs
+        return tokens, {"attn_mask": attn_mask}, self.patch_grid(x)
 
-    def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(B, C, H, W) -> the head input (B, N, D): mean of the raw outputs of the probe layers.
-
-        attn_mask: boolean, True = may attend, (N, N) or (B, 1, N, N), applied in every block.
-        Only the blocks up to the deepest probe layer run.
-        """
-        outputs = self._blocks(self.preprocessor(x), attn_mask, max(self.probe_layers))
-        return torch.stack([outputs[i] for i in self.probe_layers]).mean(dim=0)
+    def patch_grid(self, x: torch.Tensor) -> Tuple[int, int]:
+        ph, pw = self.preprocessor.patchifier.patch_size
+        return x.shape[-2] // ph, x.shape[-1] // pw
 
     def forward_trunk(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, C, H, W) -> post_trunk_norm(last block) (B, N, D): what the pre-training decoder reads."""
-        return self.trunk.post_trunk_norm(self._blocks(self.preprocessor(x), attn_mask, len(self.trunk.blocks) - 1)[-1])
+        last = len(self.trunk.blocks) - 1
+        return self.trunk.post_trunk_norm(self.run_trunk(x, attn_mask, {last}, last)[0][last])
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Head input (B, N, D) -> logits (B, num_classes), or the pooled (B, D) with pre_logits."""
@@ -184,14 +193,15 @@ class AIM(ClassifierContract, nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, attn_mask))
 
-
-def checkpoint_filter_fn(state_dict: dict, model: AIM) -> dict:
-    """Official AIM keys are ours already: strip a DDP 'module.' prefix and keep BatchNorm's counter an
-    integer (some exports store it as float, which `load_state_dict(assign=True)` would keep)."""
-    out = {}
-    for k, v in state_dict.items():
-        k = k.removeprefix("module.")
-        if k.endswith("num_batches_tracked"):
-            v = v.long()
-        out[k] = v
-    return out
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the blocks after the last taken index; the probe then averages the probe layers that are left
+        (or the last block kept)."""
+        take, max_index = feature_take_indices(len(self.trunk.blocks), indices)
+        self.trunk.blocks = self.trunk.blocks[:max_index + 1]
+        self.probe_layers = tuple(i for i in self.probe_layers if i <= max_index) or (max_index,)
+        if prune_norm:
+            self.trunk.post_trunk_norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take

@@ -11,12 +11,10 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
+from ..errors import CheckpointError
+
 WEIGHTS_NAME = "model.safetensors"   # inside a llamavit training checkpoint directory
 _SHOW = 8
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model."""
 
 
 def read_state_dict(path: str, state_keys: Sequence[str] = ("model", "state_dict", "model_state")
@@ -54,7 +52,7 @@ def read_state_dict(path: str, state_keys: Sequence[str] = ("model", "state_dict
     return obj
 
 
-def _keys_report(names, limit: int = _SHOW) -> str:
+def keys_report(names, limit: int = _SHOW) -> str:
     names = sorted(names)
     more = f" … (+{len(names) - limit} more)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
@@ -69,11 +67,11 @@ def check_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], sour
              for k in sorted(set(expected) & set(state_dict)) if state_dict[k].shape != expected[k].shape]
     problems = []
     if missing:
-        problems.append(f"missing keys: {_keys_report(missing)}")
+        problems.append(f"missing keys: {keys_report(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys: {_keys_report(unexpected)}")
+        problems.append(f"unexpected keys: {keys_report(unexpected)}")
     if wrong:
-        problems.append(f"shape mismatch: {_keys_report(wrong, 4)}")
+        problems.append(f"shape mismatch: {keys_report(wrong, 4)}")
     if problems:
         raise CheckpointError(f"{source} does not fit {type(model).__name__} — " + "; ".join(problems))
 
@@ -85,9 +83,18 @@ def read_state_dicts(paths: Sequence[str], **kwargs) -> Dict[str, torch.Tensor]:
         state_dict = read_state_dict(path, **kwargs)
         overlap = set(merged) & set(state_dict)
         if overlap:
-            raise CheckpointError(f"{path} repeats keys of the files before it: {_keys_report(overlap)}")
+            raise CheckpointError(f"{path} repeats keys of the files before it: {keys_report(overlap)}")
         merged.update(state_dict)
     return merged
+
+
+def convert_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Official (or DDP-prefixed) key names -> the model's, by the model's own `checkpoint_filter`; models
+    without one (timm baselines) only lose a DDP `module.` prefix."""
+    own = getattr(model, "checkpoint_filter", None)
+    if own is not None:
+        return own(state_dict)
+    return {k.removeprefix("module."): v for k, v in state_dict.items()}
 
 
 def load_checkpoint(model: nn.Module, path: Union[str, Sequence[str]], assign: bool = False) -> nn.Module:
@@ -97,16 +104,15 @@ def load_checkpoint(model: nn.Module, path: Union[str, Sequence[str]], assign: b
     assign=True keeps the loaded tensors instead of copying them into the model's, as needed for a
     model built on the 'meta' device; every parameter and buffer must then come from the checkpoint.
     """
-    from .registry import filter_fn_for
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     # a family may prefer another entry of wrapped files (DiT: the EMA weights of {'model', 'ema', ...})
     keys = getattr(model, "checkpoint_state_keys", None)
     raw = read_state_dicts(paths, **({"state_keys": keys} if keys else {}))
     source = f"checkpoint {paths[0] if len(paths) == 1 else paths}"
-    state_dict = filter_fn_for(model)(raw, model)
+    state_dict = convert_state_dict(model, raw)
     check_state_dict(model, state_dict, source=source)
     model.load_state_dict(state_dict, strict=True, assign=assign)
     left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left:
-        raise CheckpointError(f"{source} left tensors unset on the meta device: {_keys_report(left)}")
+        raise CheckpointError(f"{source} left tensors unset on the meta device: {keys_report(left)}")
     return model

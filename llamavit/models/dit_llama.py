@@ -33,9 +33,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 from timm.layers import Mlp
-from torch.utils.checkpoint import checkpoint
 
-from ..layers import Attention, PatchEmbed, Rope2D, SwiGLU, swiglu_hidden_dim
+from ..layers import Attention, PatchEmbed, Rope2D, SwiGLU, run_blocks, swiglu_hidden_dim
 from ..layers.pos_embed import sincos_2d
 
 BLOCK_TYPES = ("dit", "llama")
@@ -112,7 +111,10 @@ class LabelEmbedder(nn.Module):
 
 
 class AdaLNBlock(nn.Module):
-    """adaLN-Zero transformer block. x (B, N, D), c (B, D), rope tables or None -> (B, N, D)."""
+    """adaLN-Zero transformer block. x (B, N, D), c (B, D), rope tables or None -> (B, N, D).
+
+    DiT's own block (the condition modulates both branches), around the same Attention and MLP as
+    layers/block.py's `Block`."""
 
     def __init__(self, dim: int, num_heads: int, mlp: nn.Module):
         super().__init__()
@@ -147,12 +149,6 @@ def dit_checkpoint_keys(key: str) -> str:
     """One official DiT / DiT-LLaMA key -> ours (SwiGLU names as timm's)."""
     key = key.removeprefix("module.")
     return key.replace("mlp.c_fc1.", "mlp.fc1_g.").replace("mlp.c_fc2.", "mlp.fc1_x.").replace("mlp.c_proj.", "mlp.fc2.")
-
-
-def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
-    """Official DiT / DiT-LLaMA / SiT(-LLaMA) state dict -> ours. The frozen sin-cos `pos_embed` is
-    dropped: DiT recomputes it (the same table) and DiT-LLaMA never reads it."""
-    return {dit_checkpoint_keys(k): v for k, v in state_dict.items() if k != "pos_embed"}
 
 
 class DiT(nn.Module):
@@ -208,6 +204,11 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
+    def checkpoint_filter(self, state_dict: dict) -> dict:
+        """Official DiT / DiT-LLaMA / SiT(-LLaMA) state dict -> ours. The frozen sin-cos `pos_embed` is
+        dropped: DiT recomputes it (the same table) and DiT-LLaMA never reads it."""
+        return {dit_checkpoint_keys(k): v for k, v in state_dict.items() if k != "pos_embed"}
+
     # --- timm-style helpers --------------------------------------------------------------------
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -259,9 +260,5 @@ class DiT(nn.Module):
         if pos is not None:
             x = x + pos.to(x.dtype)
         c = self.condition(t, y, force_drop)
-        for blk in self.blocks:
-            if self.grad_checkpointing and self.training:
-                x = checkpoint(blk, x, c, rope, use_reentrant=False)
-            else:
-                x = blk(x, c, rope)
+        x = run_blocks(self.blocks, x, self.grad_checkpointing and self.training, c=c, rope=rope)
         return self.unpatchify(self.final_layer(x, c), grid)

@@ -4,7 +4,7 @@ import contextlib
 import dataclasses
 import difflib
 import fnmatch
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
@@ -12,10 +12,11 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from . import aim, dit_llama, illama, ladder_vit, visionllama, visionllama_pyramid, vit_llm
+from . import aim, dit_llama, illama, visionllama, visionllama_pyramid, vit_llm
+from .convert import load_checkpoint
 
-# family -> (model class, config class, official checkpoint filter)
-FAMILIES: Dict[str, tuple] = {}
+# family -> (model class, config class); the model class carries its own checkpoint filter
+FAMILIES: Dict[str, Tuple[type, type]] = {}
 _FEATURE_CFGS: Dict[str, dict] = {}  # family -> timm feature_cfg for features_only=True
 MODEL_FAMILY: Dict[str, str] = {}
 _ARCH_DEFAULTS: Dict[str, dict] = {}
@@ -26,13 +27,14 @@ _TIMM_BUILD_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "fe
 def _cfg(img_size: int, **kwargs) -> dict:
     return {"input_size": (3, img_size, img_size), "num_classes": 1000, "crop_pct": 0.875 if img_size == 224 else 1.0,
             "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-            "first_conv": "patch_embed.proj", "classifier": "head", **kwargs}
+            "first_conv": "patch_embed.proj", "classifier": "head", "fixed_input_size": False, **kwargs}
 
 
 def _build(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     family = MODEL_FAMILY[name]
-    model_cls, cfg_cls, filter_fn = FAMILIES[family]
+    model_cls, cfg_cls = FAMILIES[family]
     timm_args = {k: kwargs.pop(k) for k in _TIMM_BUILD_ARGS if k in kwargs}
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)   # timm's placement arguments
     if family in _FEATURE_CFGS:
         timm_args.setdefault("feature_cfg", dict(_FEATURE_CFGS[family]))
         if "out_indices" in kwargs:
@@ -42,17 +44,18 @@ def _build(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     unknown = sorted(set(kwargs) - valid)
     if unknown:
         raise TypeError(f"{name}: unknown option(s) {unknown}; valid options: {sorted(valid)}")
-    return build_model_with_cfg(model_cls, name, pretrained, pretrained_filter_fn=filter_fn, **timm_args, **kwargs)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = build_model_with_cfg(model_cls, name, pretrained, **timm_args, **kwargs)
+    return model.to(dtype) if dtype is not None else model
 
 
 default_cfgs: Dict[str, object] = {}  # timm reads this module attribute when a name is registered
 
 
-def register_family(family: str, model_cls: type, cfg_cls: type, filter_fn: Callable,
-                    feature_cfg: Optional[dict] = None) -> None:
-    """Declare a model family: its nn.Module, its config dataclass and its official-checkpoint filter;
-    `feature_cfg` (timm's) makes `features_only=True` work."""
-    FAMILIES[family] = (model_cls, cfg_cls, filter_fn)
+def register_family(family: str, model_cls: type, cfg_cls: type, feature_cfg: Optional[dict] = None) -> None:
+    """Declare a model family: its nn.Module (which converts official checkpoints with its
+    `checkpoint_filter`) and its config dataclass; `feature_cfg` (timm's) makes `features_only=True` work."""
+    FAMILIES[family] = (model_cls, cfg_cls)
     if feature_cfg is not None:
         _FEATURE_CFGS[family] = feature_cfg
 
@@ -68,30 +71,35 @@ def _register(name: str, family: str, img_size: int, doc: str, pretrained_cfg: O
         return _build(name, pretrained, **kwargs)
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
-    entrypoint.__module__ = __name__
+    entrypoint.__module__ = __name__   # timm reads this module's default_cfgs (timm's list_models(module='registry'))
     entrypoint.__doc__ = doc
     register_model(entrypoint)
 
 
-register_family("illama", illama.ILLaMA, illama.ILLaMAConfig, illama.checkpoint_filter_fn)
+_PLAIN_FEATURES = {"feature_cls": "getter"}
+
+register_family("illama", illama.ILLaMA, illama.ILLaMAConfig, feature_cfg=_PLAIN_FEATURES)
 _ILLAMA_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
 for _size, (_dim, _depth, _heads) in _ILLAMA_SIZES.items():
     for _res in (224, 384):
         _register(f"illama_{_size}_patch16_{_res}", "illama", _res,
                   f"iLLaMA-{_size[0].upper()}, patch 16, {_res}px (D={_dim}, depth={_depth}, heads={_heads}).",
                   patch_size=16, embed_dim=_dim, depth=_depth, num_heads=_heads)
+_register("ladder_vit_tiny_patch16_224", "illama", 224,
+          "ViT-Ti (D=192, depth 12, heads 3) as an iLLaMA configuration with every ViT -> iLLaMA ingredient a "
+          "switch (norm, mlp, biases, mask_mode, class_token_position, pos_embed, rope): the ablation-ladder "
+          "model. Defaults: a plain ViT.", patch_size=16, embed_dim=192, depth=12, num_heads=3, **illama.VIT_OPTIONS)
 
-register_family("aim", aim.AIM, aim.AIMConfig, aim.checkpoint_filter_fn)
+register_family("aim", aim.AIM, aim.AIMConfig, feature_cfg=_PLAIN_FEATURES)
 _AIM_SIZES = {"600m": (1536, 24, 12), "1b": (2048, 24, 16), "3b": (3072, 24, 24), "7b": (4096, 32, 32)}
 for _size, (_dim, _depth, _heads) in _AIM_SIZES.items():
     _register(f"aim_{_size}_patch14_224", "aim", 224,
               f"AIM-{_size.upper()} v1 with the attentive probe, patch 14, 224px (D={_dim}, blocks={_depth}, "
               f"heads={_heads}).", pretrained_cfg={"first_conv": "preprocessor.patchifier.proj",
-                                                   "classifier": "head.linear"},
+                                                   "classifier": "head.linear", "min_input_size": (3, 112, 112)},
               patch_size=14, embed_dim=_dim, depth=_depth, num_heads=_heads)
 
-register_family("visionllama", visionllama.VisionLLaMA, visionllama.VisionLLaMAConfig,
-                visionllama.checkpoint_filter_fn, feature_cfg={"feature_cls": "getter"})
+register_family("visionllama", visionllama.VisionLLaMA, visionllama.VisionLLaMAConfig, feature_cfg=_PLAIN_FEATURES)
 _VISIONLLAMA_SIZES = {"small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
 for _size, (_dim, _depth, _heads) in _VISIONLLAMA_SIZES.items():
     _register(f"visionllama_{_size}_patch16_224", "visionllama", 224,
@@ -103,7 +111,7 @@ _register("visionllama_large_as_patch16_224", "visionllama", 224,
           num_heads=16, rope_auto_scale=True)
 
 register_family("visionllama_pyramid", visionllama_pyramid.VisionLLaMAPyramid,
-                visionllama_pyramid.VisionLLaMAPyramidConfig, visionllama_pyramid.checkpoint_filter_fn,
+                visionllama_pyramid.VisionLLaMAPyramidConfig,
                 feature_cfg={"feature_cls": "getter", "out_indices": (0, 1, 2, 3)})
 _PYRAMID_SIZES = {"small": ((64, 128, 256, 512), (2, 2, 10, 4), (2, 4, 8, 16)),
                   "base": ((96, 192, 384, 768), (2, 2, 18, 2), (3, 6, 12, 24)),
@@ -119,7 +127,7 @@ _register("visionllama_pyramid_large_as_224", "visionllama_pyramid", 224,
           rope_auto_scale=True)
 
 
-register_family("vit_llm", vit_llm.ViTLLM, vit_llm.ViTLLMConfig, vit_llm.checkpoint_filter_fn)
+register_family("vit_llm", vit_llm.ViTLLM, vit_llm.ViTLLMConfig, feature_cfg=_PLAIN_FEATURES)
 _VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12)}
 for _size, _patch in (("tiny", 16), ("small", 16), ("base", 16), ("tiny", 32), ("base", 32)):
     _dim, _depth, _heads = _VIT_SIZES[_size]
@@ -135,14 +143,8 @@ for _size in ("tiny", "small"):
               llm_path="smollm2", llm_dim=576, llm_num_heads=9, llm_num_kv_heads=3, llm_ffn_hidden=1536,
               llm_norm_eps=1e-5, llm_num_layers=30)
 
-register_family("ladder_vit", ladder_vit.LadderViT, ladder_vit.LadderViTConfig, ladder_vit.checkpoint_filter_fn)
-_register("ladder_vit_tiny_patch16_224", "ladder_vit", 224,
-          "ViT-Ti (D=192, depth 12, heads 3) with every ViT -> iLLaMA ingredient a switch (norm, mlp, biases, "
-          "mask_mode, class_token_position, pos_embed, rope): the ablation-ladder model. Defaults: a plain ViT.",
-          patch_size=16, embed_dim=192, depth=12, num_heads=3)
 
-
-register_family("dit", dit_llama.DiT, dit_llama.DiTConfig, dit_llama.checkpoint_filter_fn)
+register_family("dit", dit_llama.DiT, dit_llama.DiTConfig)
 _DIT_SIZES = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16), "xl": (1152, 28, 16)}
 _DIT_CFG = {"input_size": (4, 32, 32), "first_conv": "x_embedder.proj", "classifier": "final_layer.linear",
             "mean": (0.0,) * 4, "std": (1.0,) * 4}
@@ -186,7 +188,6 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Union[str
     if name.startswith(TIMM_PREFIX):
         model = timm.create_model(name[len(TIMM_PREFIX):], pretrained=False, **kwargs)
         if checkpoint_path is not None:
-            from .convert import load_checkpoint
             load_checkpoint(model, checkpoint_path)
         return model
     check_model_name(name)
@@ -199,13 +200,5 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Union[str
     with torch.device("meta") if on_meta else contextlib.nullcontext():
         model = timm.create_model(name, pretrained=False, **kwargs)
     if checkpoint_path is not None:
-        from .convert import load_checkpoint
         load_checkpoint(model, checkpoint_path, assign=on_meta)
     return model
-
-
-def filter_fn_for(model: nn.Module) -> Callable:
-    for model_cls, _, filter_fn in FAMILIES.values():
-        if isinstance(model, model_cls):
-            return filter_fn
-    return lambda sd, m: sd

@@ -8,15 +8,15 @@ rope_ref_img_size / H_pixels, mapping every resolution onto the positions of the
 Matches Meituan-AutoML/VisionLLaMA deit/my_models.py (VisionLLaMA + LAMABlock) numerically.
 """
 from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+from functools import partial
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, LayerScale, trunc_normal_
-from torch.utils.checkpoint import checkpoint
+from timm.layers import trunc_normal_
 
-from ..layers import Attention, PatchEmbed, Rope2D, SwiGLU, swiglu_hidden_dim
-from .common import ClassifierContract, init_linear
+from ..layers import Attention, Block, PatchEmbed, Rope2D, SwiGLU, run_blocks, swiglu_hidden_dim
+from .common import ClassifierContract, TokenTrunk, init_linear
 
 RopeTables = Tuple[torch.Tensor, torch.Tensor]
 
@@ -53,33 +53,25 @@ def visionllama_checkpoint_keys(key: str) -> str:
             .replace("mlp.c_proj.", "mlp.fc2.").replace(".gamma_1", ".ls1.gamma").replace(".gamma_2", ".ls2.gamma"))
 
 
-def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
-    """Official VisionLLaMA state dict -> ours; already-converted keys pass through unchanged."""
+def convert_official(state_dict: dict) -> dict:
+    """Official VisionLLaMA (plain or pyramid) state dict -> ours; already-converted keys pass through unchanged."""
     return {visionllama_checkpoint_keys(k): v for k, v in state_dict.items() if k != "freqs_cis"}
 
 
-class Block(nn.Module):
-    """VisionLLaMA block: x + ls1(attn(ln(x), rope)), x + ls2(swiglu(ln(x))). (B, N, D) -> (B, N, D)."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, qkv_bias: bool = True, mlp_bias: bool = False,
-                 norm_eps: float = 1e-6, init_values: Optional[float] = 1e-4, proj_drop: float = 0.0,
-                 drop_path: float = 0.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=True, proj_drop=proj_drop)
-        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = SwiGLU(dim, mlp_hidden, bias=mlp_bias, drop=proj_drop)
-        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor, rope: RopeTables, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), rope, attn_mask)))
-        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+def build_block(dim: int, attn: nn.Module, mlp_hidden: int, mlp_bias: bool = False, norm_eps: float = 1e-6,
+                init_values: Optional[float] = 1e-4, proj_drop: float = 0.0, drop_path: float = 0.0) -> Block:
+    """A VisionLLaMA block around `attn`: LayerNorm, layer scale, bias-free SwiGLU (the pyramid shares it)."""
+    mlp = SwiGLU(dim, mlp_hidden, bias=mlp_bias, drop=proj_drop)
+    return Block(dim, attn, mlp, norm_layer=partial(nn.LayerNorm, eps=norm_eps), init_values=init_values,
+                 drop_path=drop_path)
 
 
-class VisionLLaMA(ClassifierContract, nn.Module):
-    """Plain VisionLLaMA classifier. forward: (B, C, H, W) -> (B, num_classes), any H, W multiple of the patch."""
+class VisionLLaMA(TokenTrunk, ClassifierContract, nn.Module):
+    """Plain VisionLLaMA classifier. forward: (B, C, H, W) -> (B, num_classes), any H, W multiple of the patch.
+
+    forward_features: tokens (B, N, D), class token first: after the final norm with a class token, the
+    last block's output without (the norm then acts on the pooled vector, as the official head).
+    """
 
     def __init__(self, cfg: Optional[VisionLLaMAConfig] = None, **kwargs):
         super().__init__()
@@ -99,14 +91,15 @@ class VisionLLaMA(ClassifierContract, nn.Module):
         dpr = [cfg.drop_path_rate * (i / max(cfg.depth - 1, 1) if cfg.drop_path_decay else 1.0)
                for i in range(cfg.depth)]
         self.blocks = nn.ModuleList([
-            Block(cfg.embed_dim, cfg.num_heads, hidden, cfg.qkv_bias, cfg.mlp_bias, cfg.norm_eps, cfg.init_values,
-                  cfg.drop_rate, dpr[i]) for i in range(cfg.depth)])
+            build_block(cfg.embed_dim, Attention(cfg.embed_dim, cfg.num_heads, qkv_bias=cfg.qkv_bias, proj_bias=True,
+                                                 proj_drop=cfg.drop_rate),
+                        hidden, cfg.mlp_bias, cfg.norm_eps, cfg.init_values, cfg.drop_rate, dpr[i])
+            for i in range(cfg.depth)])
         # final norm over all tokens with a class token; over the pooled vector (timm's fc_norm) without
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
-        self.feature_info = [{"num_chs": cfg.embed_dim, "reduction": cfg.patch_size, "module": f"blocks.{i}"}
-                             for i in range(cfg.depth)]
+        self.feature_info = self.feature_info_of(self.blocks, cfg.patch_size)
 
         if self.cls_token is not None:
             trunc_normal_(self.cls_token, std=0.02)
@@ -120,6 +113,9 @@ class VisionLLaMA(ClassifierContract, nn.Module):
     def check_global_pool(self, global_pool: str) -> None:
         _check_pool(global_pool, self.cls_token is not None)
 
+    def checkpoint_filter(self, state_dict: dict) -> dict:
+        return convert_official(state_dict)
+
     # --- forward -------------------------------------------------------------------------------
     def rope_tables(self, img_hw: Tuple[int, int]) -> RopeTables:
         """(cos, sin) (N, head_dim // 2) for an input of img_hw pixels, class token row first."""
@@ -127,19 +123,42 @@ class VisionLLaMA(ClassifierContract, nn.Module):
         scale = self.cfg.rope_ref_img_size / img_hw[0] if self.cfg.rope_auto_scale else 1.0
         return self.rope(gh * gw, gw, scale, class_token=self.cls_token is not None)
 
-    def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(B, C, H, W) -> tokens (B, N, D), class token first: after the final norm with a class token,
-        the last block's output without (the norm then acts on the pooled vector, as the official head)."""
-        rope = self.rope_tables(x.shape[-2:])
-        x = self.patch_embed(x)
+    def embed(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+              keep: Optional[torch.Tensor] = None):
+        """Images (B, C, H, W) -> (tokens (B, N, D), block arguments, patch grid).
+
+        keep: (B, K) indices of the patches to keep (MAE's encoder sees only those): the tokens are the
+        class token (if any) and the kept patches, each rotated by its TRUE grid position.
+        """
+        grid = self.patch_grid(x)
+        rope = self.rope_tables(x.shape[-2:])   # rows: [class token,] patches in raster order
+        tokens = self.patch_embed(x)
+        if keep is not None:
+            tokens = torch.gather(tokens, 1, keep[..., None].expand(-1, -1, tokens.shape[-1]))
+            rows = keep + self.num_prefix_tokens
+            if self.cls_token is not None:
+                rows = torch.cat((torch.zeros_like(rows[:, :1]), rows), dim=1)
+            rope = tuple(t[rows][:, None] for t in rope)   # per-sample tables (B, 1, K', d) broadcast over heads
         if self.cls_token is not None:
-            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
-        for blk in self.blocks:
-            if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, rope, attn_mask, use_reentrant=False)
-            else:
-                x = blk(x, rope, attn_mask)
-        return self.norm(x) if self.cls_token is not None else x
+            tokens = torch.cat((self.cls_token.expand(tokens.shape[0], -1, -1), tokens), dim=1)
+        return tokens, {"rope": rope, "attn_mask": attn_mask}, grid
+
+    def finish(self, outputs: Dict[int, torch.Tensor], attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        last = outputs[max(outputs)]
+        return self.norm(last) if self.cls_token is not None else last
+
+    def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                         keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, C, H, W) -> tokens (B, N, D), see the class docstring.
+
+        keep: (B, K) indices of the patches the trunk sees (MAE's encoder): then (B, [1 +] K, D) tokens,
+        final-normed with or without a class token, as mmpretrain's MAE backbone returns them.
+        """
+        if keep is None:
+            return super().forward_features(x, attn_mask)
+        tokens, args, _ = self.embed(x, attn_mask, keep)
+        checkpointing = self.grad_checkpointing and self.training
+        return self.norm(run_blocks(self.blocks, tokens, checkpointing, **args))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens (B, N, D) -> logits (B, num_classes), or the pooled (B, D) with pre_logits."""
@@ -155,43 +174,9 @@ class VisionLLaMA(ClassifierContract, nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, attn_mask))
 
-    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
-                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
-                              intermediates_only: bool = False):
-        """timm's feature API: block outputs as (B, D, H/p, W/p) maps (class token dropped).
-
-        indices: the last n blocks if an int, all if None, else the listed block indices.
-        Returns the list, or (final tokens, list) unless intermediates_only.
-        """
-        from timm.models._features import feature_take_indices
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take, max_index = feature_take_indices(len(self.blocks), indices)
-        b, _, h, w = x.shape
-        gh, gw = h // self.patch_embed.patch_size[0], w // self.patch_embed.patch_size[1]
-        rope = self.rope_tables((h, w))
-        x = self.patch_embed(x)
-        if self.cls_token is not None:
-            x = torch.cat((self.cls_token.expand(b, -1, -1), x), dim=1)
-        blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
-        intermediates = []
-        for i, blk in enumerate(blocks):
-            x = blk(x, rope)
-            if i in take:
-                y = self.norm(x) if norm else x
-                y = y[:, self.num_prefix_tokens:]
-                intermediates.append(y.transpose(1, 2).reshape(b, -1, gh, gw) if output_fmt == "NCHW" else y)
-        if intermediates_only:
-            return intermediates
-        return (self.norm(x) if self.cls_token is not None else x), intermediates
-
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
-        from timm.models._features import feature_take_indices
-        take, max_index = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[:max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
+        take = super().prune_intermediate_layers(indices, prune_norm, prune_head=False)
         if prune_head:
             self.reset_classifier(0, "avg" if self.cls_token is not None else None)
         return take

@@ -12,16 +12,12 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, LayerScale
 from timm.models._features import feature_take_indices
-from torch.utils.checkpoint import checkpoint
 
-from ..layers import Rope2D, SubsampledAttention, SwiGLU, WindowAttention, swiglu_hidden_dim
+from ..layers import Rope2D, SubsampledAttention, WindowAttention, run_blocks, swiglu_hidden_dim
 from ..layers.patch_embed import check_images
 from .common import ClassifierContract, init_linear
-from .visionllama import checkpoint_filter_fn  # the same official -> ours key mapping
-
-__all__ = ["VisionLLaMAPyramid", "VisionLLaMAPyramidConfig", "checkpoint_filter_fn"]
+from .visionllama import build_block, convert_official   # the same block and official -> ours key mapping
 
 
 @dataclass
@@ -62,27 +58,16 @@ class StageEmbed(nn.Module):
         return self.norm(x.flatten(2).transpose(1, 2)), grid
 
 
-class GroupBlock(nn.Module):
-    """Pre-norm block around window (LSA) or sub-sampled (GSA) attention. (B, H*W, C) -> same."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, window_size: Optional[int], sr_ratio: int,
-                 qkv_bias: bool, norm_eps: float, init_values: Optional[float], proj_drop: float, drop_path: float):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        if window_size:
-            self.attn = WindowAttention(dim, num_heads, window_size, qkv_bias=qkv_bias, proj_drop=proj_drop)
-        else:
-            self.attn = SubsampledAttention(dim, num_heads, sr_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop,
-                                            norm_eps=norm_eps)
-        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = SwiGLU(dim, mlp_hidden, bias=False, drop=proj_drop)
-        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor, grid: Tuple[int, int], ropes: tuple) -> torch.Tensor:
-        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), grid, *ropes)))
-        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+def build_group_block(dim: int, num_heads: int, mlp_hidden: int, window_size: Optional[int], sr_ratio: int,
+                      qkv_bias: bool, norm_eps: float, init_values: Optional[float], proj_drop: float,
+                      drop_path: float) -> nn.Module:
+    """A VisionLLaMA block around window attention (LSA, window_size given) or sub-sampled attention (GSA).
+    Called as block(x (B, H*W, C), grid=(H, W), rope=..., [key_rope=...])."""
+    if window_size:
+        attn = WindowAttention(dim, num_heads, window_size, qkv_bias=qkv_bias, proj_drop=proj_drop)
+    else:
+        attn = SubsampledAttention(dim, num_heads, sr_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop, norm_eps=norm_eps)
+    return build_block(dim, attn, mlp_hidden, False, norm_eps, init_values, proj_drop, drop_path)
 
 
 def gsa_key_positions(sr_ratio: int) -> dict:
@@ -123,9 +108,9 @@ class VisionLLaMAPyramid(ClassifierContract, nn.Module):
             hidden = swiglu_hidden_dim(cfg.embed_dims[i], cfg.mlp_ratio, cfg.mlp_multiple_of)
             first = sum(cfg.depths[:i])
             self.blocks.append(nn.ModuleList([
-                GroupBlock(cfg.embed_dims[i], cfg.num_heads[i], hidden, cfg.wss[i] if j % 2 == 0 else None,
-                           cfg.sr_ratios[i], cfg.qkv_bias, cfg.norm_eps, cfg.init_values, cfg.drop_rate,
-                           dpr[first + j]) for j in range(cfg.depths[i])]))
+                build_group_block(cfg.embed_dims[i], cfg.num_heads[i], hidden, cfg.wss[i] if j % 2 == 0 else None,
+                                  cfg.sr_ratios[i], cfg.qkv_bias, cfg.norm_eps, cfg.init_values, cfg.drop_rate,
+                                  dpr[first + j]) for j in range(cfg.depths[i])]))
         self.norm = nn.LayerNorm(self.embed_dim, eps=cfg.norm_eps)
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(self.embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
@@ -137,6 +122,18 @@ class VisionLLaMAPyramid(ClassifierContract, nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's parameter groups: each block of each stage, the stage embeddings with their stage."""
+        if coarse:
+            return {"stem": r"^patch_embeds\.0", "blocks": [(r"^(?:blocks|patch_embeds)\.(\d+)", None),
+                                                             (r"^norm", (99999,))]}
+        return {"stem": r"^patch_embeds\.0", "blocks": [(r"^blocks\.(\d+)\.(\d+)", None),
+                                                         (r"^patch_embeds\.(\d+)", (0,)), (r"^norm", (99999,))]}
+
+    def checkpoint_filter(self, state_dict: dict) -> dict:
+        return convert_official(state_dict)
 
     def check_global_pool(self, global_pool: str) -> None:
         if global_pool != "avg":
@@ -151,26 +148,24 @@ class VisionLLaMAPyramid(ClassifierContract, nn.Module):
             raise ValueError(f"input size {h}x{w} must be a multiple of the patch size {self.cfg.patch_size} and at "
                              f"least {smallest}x{smallest} so that every stage and its key sub-sampling keep a token")
 
-    def stage_ropes(self, stage: int, grid: Tuple[int, int]) -> Tuple[tuple, tuple]:
-        """RoPE tables of one stage: (window,) for LSA blocks, (queries, keys) for GSA blocks."""
+    def stage_ropes(self, stage: int, grid: Tuple[int, int]) -> Tuple[dict, dict]:
+        """Attention arguments of one stage's blocks: (LSA: grid + window tables, GSA: grid + query and key tables)."""
         h, w = grid
         ws, sr = self.cfg.wss[stage], self.cfg.sr_ratios[stage]
         rope = self.ropes[stage]
-        window = (rope(ws * ws, ws),)
+        window = {"grid": grid, "rope": rope(ws * ws, ws)}
         scale = self.cfg.rope_ref_grid / h if self.cfg.rope_auto_scale else 1.0
         num_keys = (h // sr) * (w // sr)
-        glob = (rope(h * w, w, scale), rope(num_keys, w, scale, **gsa_key_positions(sr)))
+        glob = {"grid": grid, "rope": rope(h * w, w, scale),
+                "key_rope": rope(num_keys, w, scale, **gsa_key_positions(sr))}
         return window, glob
 
     def _stage(self, stage: int, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         x, grid = self.patch_embeds[stage](x)
         window, glob = self.stage_ropes(stage, grid)
-        for j, blk in enumerate(self.blocks[stage]):
-            ropes = window if j % 2 == 0 else glob
-            if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, grid, ropes, use_reentrant=False)
-            else:
-                x = blk(x, grid, ropes)
+        checkpointing = self.grad_checkpointing and self.training and not torch.jit.is_scripting()
+        for j, blk in enumerate(self.blocks[stage]):   # LSA (even index) and GSA (odd) alternate
+            x = run_blocks([blk], x, checkpointing, **(window if j % 2 == 0 else glob))
         return x, grid
 
     def _stages(self, x: torch.Tensor, count: int):
@@ -180,8 +175,15 @@ class VisionLLaMAPyramid(ClassifierContract, nn.Module):
             x, grid = self._stage(i, x if grid is None else _to_map(x, grid))
             yield i, x, grid
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> last-stage tokens (B, H/32 * W/32, C_last) after the final norm."""
+    def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, C, H, W) -> last-stage tokens (B, H/32 * W/32, C_last) after the final norm.
+
+        attn_mask: accepted for the trunk contract, but a token mask has no meaning for window and
+        sub-sampled attention: anything but None is refused.
+        """
+        if attn_mask is not None:
+            raise ValueError("the pyramid's window and sub-sampled attention take no attention mask (AIM "
+                             "pre-training needs a plain trunk: iLLaMA, VisionLLaMA, AIM or a ViT + frozen LLM)")
         self.check_input(x)
         for _, x, _ in self._stages(x, len(self.blocks)):
             pass

@@ -30,10 +30,12 @@ import torch.nn as nn
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 
-from ..layers.llama_block import LLaMADecoderLayer
+from ..errors import CheckpointError
+from ..layers import Attention, Block, run_blocks
+from ..layers.llama_block import llama_decoder_block, meta_to_block_key
 from ..layers.norm import RMSNorm
 from ..llm import LLMConfig, LLMReader, llm_fingerprint, open_llm, resolve_layers
-from .convert import CheckpointError
+from .common import TokenTrunk
 
 RANDOM = "random"
 
@@ -75,8 +77,8 @@ class FrozenLLM(nn.Module):
         self.config, self.source = config, source
         self.path: Optional[str] = None
         self.layers = nn.ModuleList([
-            LLaMADecoderLayer(config.dim, config.n_heads, config.n_kv_heads, config.ffn_hidden, config.norm_eps,
-                              config.head_dim) for _ in layer_ids])
+            llama_decoder_block(config.dim, config.n_heads, config.n_kv_heads, config.ffn_hidden, config.norm_eps,
+                                config.head_dim) for _ in layer_ids])
         self.norm = RMSNorm(config.dim, eps=config.norm_eps)
         # identify the block in our checkpoints instead of storing it (zeros: not from a file)
         self.register_buffer("llm_sha256", torch.zeros(32, dtype=torch.uint8))
@@ -93,15 +95,15 @@ class FrozenLLM(nn.Module):
     def load_from(self, reader: LLMReader, layer_ids: List[int]) -> None:
         """Copy the LLM layers into the frozen block and record the file's fingerprint."""
         for layer, weights in zip(self.layers, reader.read_layers(layer_ids)):
+            weights = {meta_to_block_key(k): v for k, v in weights.items()}
             for name, p in layer.named_parameters():
                 p.copy_(weights[name])
         self.llm_sha256.copy_(torch.tensor(list(bytes.fromhex(llm_fingerprint(reader))), dtype=torch.uint8))
         self.source, self.path = "file", reader.path
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x)
-        return self.norm(x)
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """attn_mask None (the official block: every token sees all) or a boolean SDPA mask for every layer."""
+        return self.norm(run_blocks(self.layers, x, attn_mask=attn_mask))
 
 
 def _hex(t: torch.Tensor) -> str:
@@ -131,6 +133,7 @@ def adapt_llm_state(module: FrozenLLM, sd: dict, prefix: str = "llama.") -> dict
     """Check an incoming state dict's frozen-LLM entries against the model (in place), one clear error
     for each way they can disagree; drop stored layers that the model's LLM file already provides."""
     sha_key, ids_key = prefix + "llm_sha256", prefix + "llm_layers"
+    given_name = _rename_meta_layer_keys(sd, prefix + "layers.")
     layer_keys = [k for k in sd if k.startswith(prefix + "layers.")]
     mine_ids = module.llm_layers.tolist()
     if sha_key in sd and any(sd[sha_key].tolist()):
@@ -155,8 +158,8 @@ def adapt_llm_state(module: FrozenLLM, sd: dict, prefix: str = "llama.") -> dict
             if mine is None or mine.is_meta:
                 continue
             if mine.shape != theirs.shape or not torch.allclose(theirs.float(), mine, rtol=2e-3, atol=1e-6):
-                raise CheckpointError(f"the checkpoint stores a frozen LLM block whose {k} differs from layer "
-                                      f"{mine_ids} of {module.path}: build the model with llm_path=None to use "
+                raise CheckpointError(f"the checkpoint stores a frozen LLM block whose {given_name.get(k, k)} differs "
+                                      f"from layer {mine_ids} of {module.path}: build the model with llm_path=None to use "
                                       f"the checkpoint's own block, or pass the LLM it was trained with")
     elif layer_keys:
         module.source = "checkpoint"
@@ -164,6 +167,19 @@ def adapt_llm_state(module: FrozenLLM, sd: dict, prefix: str = "llama.") -> dict
         raise CheckpointError(f"the checkpoint does not store the frozen LLM block ({prefix}layers.*) and the model "
                               f"was built without an LLM: pass llm_path=<Meta dir | HF dir | .gguf>")
     return sd
+
+
+def _rename_meta_layer_keys(sd: dict, prefix: str) -> Dict[str, str]:
+    """In place: `<prefix>{j}.attention.wq.weight` (Meta's layer names: official checkpoints and ours before
+    the layers became Blocks) -> `<prefix>{j}.attn.wq.weight`; -> {new name: the name in the checkpoint}."""
+    renamed = {}
+    for k in [k for k in sd if k.startswith(prefix)]:
+        index, _, rest = k[len(prefix):].partition(".")
+        new = f"{prefix}{index}.{meta_to_block_key(rest)}"
+        if new != k:
+            sd[new] = sd.pop(k)
+            renamed[new] = k
+    return renamed
 
 
 def _llm_block(cfg: ViTLLMConfig) -> Tuple[Optional[LLMReader], LLMConfig, List[int]]:
@@ -177,7 +193,22 @@ def _llm_block(cfg: ViTLLMConfig) -> Tuple[Optional[LLMReader], LLMConfig, List[
     return None, shape, resolve_layers(cfg.llm_layers, cfg.llm_num_layers, "the configured LLM shape")
 
 
-class ViTLLM(VisionTransformer):
+def vit_block(dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, proj_bias: bool,
+              init_values: Optional[float], proj_drop: float, attn_drop: float, drop_path: float,
+              norm_layer, act_layer, mlp_layer, qk_norm: bool = False, scale_attn_norm: bool = False,
+              scale_mlp_norm: bool = False, **_placement) -> Block:
+    """timm VisionTransformer's `block_fn`: our Block with a DeiT block's parts and timm's key names
+    (norm1, attn.qkv, attn.proj, ls1, norm2, mlp.fc1, mlp.fc2, ls2). Placement (device, dtype, depth) is
+    set by the caller's device context."""
+    if qk_norm or scale_attn_norm or scale_mlp_norm:
+        raise ValueError("the ViT of a frozen-LLM model has no q/k or scale norms")
+    attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+    mlp = mlp_layer(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, bias=proj_bias,
+                    drop=proj_drop)
+    return Block(dim, attn, mlp, norm_layer=norm_layer, init_values=init_values, drop_path=drop_path)
+
+
+class ViTLLM(TokenTrunk, VisionTransformer):
     """ViT with a frozen LLM block between its last block and its final norm.
     forward: (B, C, H, W) -> (B, num_classes); forward_features -> final-norm tokens (B, 1 + P, D)."""
 
@@ -190,7 +221,7 @@ class ViTLLM(VisionTransformer):
                          depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
                          class_token=cfg.class_token, drop_rate=cfg.drop_rate, attn_drop_rate=cfg.attn_drop_rate,
                          drop_path_rate=cfg.drop_path_rate, dynamic_img_size=True,
-                         norm_layer=partial(nn.LayerNorm, eps=cfg.norm_eps))
+                         norm_layer=partial(nn.LayerNorm, eps=cfg.norm_eps), block_fn=vit_block)
         reader, llm, layer_ids = _llm_block(cfg)
         self.cfg, self.llm_config = cfg, llm
         source = "file" if reader is not None else (RANDOM if cfg.llm_path == RANDOM else "untrained")
@@ -216,7 +247,7 @@ class ViTLLM(VisionTransformer):
             out.update(path=self.llama.path, sha256=None if self.llama.llm_sha256.is_meta else _hex(self.llama.llm_sha256))
         return out
 
-    def forward_llm(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_llm(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The frozen path: ViT tokens (B, N, D) -> mapper1 -> LLM layers -> llama.norm -> mapper2 -> (B, N, D)."""
         if self.llama.source == "untrained" and not self._warned_untrained and x.device.type != "meta":
             self._warned_untrained = True
@@ -224,33 +255,33 @@ class ViTLLM(VisionTransformer):
                           f"dim {self.llm_config.dim}): pass llm_path=<Meta dir | HF dir | .gguf> or load a checkpoint "
                           f"that stores llama.layers.*; use llm_path='random' for a deliberate random control",
                           stacklevel=3)
-        return self.llama_dim_mapper2(self.llama(self.llama_dim_mapper1(x)))
+        return self.llama_dim_mapper2(self.llama(self.llama_dim_mapper1(x), attn_mask))
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> final-norm tokens (B, 1 + P, D), class token first."""
-        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
-        if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-            from timm.models import checkpoint_seq
-            x = checkpoint_seq(self.blocks, x)
-        else:
-            x = self.blocks(x)
-        return self.norm(self.forward_llm(x))
+    # --- forward (TokenTrunk) ------------------------------------------------------------------
+    def embed(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None):
+        """Images (B, C, H, W) -> (tokens (B, 1 + P, D) with positions, block arguments, patch grid)."""
+        grid = self.patch_grid(x)
+        tokens = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        return tokens, {"attn_mask": attn_mask}, grid
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def finish(self, outputs: Dict[int, torch.Tensor], attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The last ViT block's tokens through the frozen LLM path and the ViT's final norm (the same mask)."""
+        return self.norm(self.forward_llm(outputs[max(outputs)], attn_mask))
 
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x, attn_mask))
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ViTLLM) -> Dict[str, torch.Tensor]:
-    """Official ViT-LLaMA / our checkpoints -> our state dict: 'module.' stripped, pos_embed resampled to
-    the model's grid, frozen-LLM entries checked against the model's LLM (see adapt_llm_state)."""
-    out = {}
-    for k, v in state_dict.items():
-        k = k.removeprefix("module.")
-        if k == "pos_embed" and v.shape != model.pos_embed.shape:
-            prefix = model.num_prefix_tokens
-            side = int(round((v.shape[1] - prefix) ** 0.5))
-            if side * side == v.shape[1] - prefix:
-                v = resample_abs_pos_embed(v, list(model.patch_embed.grid_size), [side, side],
-                                           num_prefix_tokens=prefix)
-        out[k] = v
-    return adapt_llm_state(model.llama, out, "llama.")
+    def checkpoint_filter(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Official ViT-LLaMA / our checkpoints -> our state dict: 'module.' stripped, pos_embed resampled to
+        the model's grid, frozen-LLM entries checked against the model's LLM (see adapt_llm_state)."""
+        out = {}
+        for k, v in state_dict.items():
+            k = k.removeprefix("module.")
+            if k == "pos_embed" and v.shape != self.pos_embed.shape:
+                prefix = self.num_prefix_tokens
+                side = int(round((v.shape[1] - prefix) ** 0.5))
+                if side * side == v.shape[1] - prefix:
+                    v = resample_abs_pos_embed(v, list(self.patch_embed.grid_size), [side, side],
+                                               num_prefix_tokens=prefix)
+            out[k] = v
+        return adapt_llm_state(self.llama, out, "llama.")

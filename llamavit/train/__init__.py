@@ -1,9 +1,16 @@
-"""Training: config, loop, checkpoints, schedules."""
+"""Training: the one step loop and the trainers that plug a loss into it, configs, checkpoints, schedules."""
+from ..errors import NonFiniteLossError
 from .checkpoint import model_from_checkpoint, read_meta, resolve_checkpoint
-from .config import TrainConfig
-from .loop import Trainer, train
-from .step_loop import NonFiniteLossError
+from .config import LoopConfig, Options, TrainConfig
+from .finetune import finetune, finetune_config
+from .generate import GenerateConfig, GenerativeTrainer, train_generative
+from .pretrain import MAE_DEFAULTS, PretrainConfig, Pretrainer, pretrain
+from .probe import Prober, ProbeConfig, probe
 from .schedules import soft_mask_rate
+from .step_loop import StepLoop
+from .supervised import Trainer, train
 
-__all__ = ["model_from_checkpoint", "read_meta", "resolve_checkpoint", "TrainConfig", "NonFiniteLossError",
-           "Trainer", "train", "soft_mask_rate"]
+__all__ = ["NonFiniteLossError", "model_from_checkpoint", "read_meta", "resolve_checkpoint", "LoopConfig", "Options",
+           "TrainConfig", "finetune", "finetune_config", "GenerateConfig", "GenerativeTrainer", "train_generative",
+           "MAE_DEFAULTS", "PretrainConfig", "Pretrainer", "pretrain", "Prober", "ProbeConfig", "probe",
+           "soft_mask_rate", "StepLoop", "Trainer", "train"]

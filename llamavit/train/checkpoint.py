@@ -19,7 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..models import create_model
-from ..models.convert import WEIGHTS_NAME, CheckpointError, load_checkpoint
+from ..errors import CheckpointError
+from ..models.convert import WEIGHTS_NAME, load_checkpoint
 
 STATE_NAME = "state.pt"
 EMA_NAME = "ema.safetensors"

@@ -1,7 +1,12 @@
-"""Training configuration: one dataclass, filled from defaults, a YAML file, then command-line flags."""
+"""Run configurations: dataclasses filled from defaults, a YAML file, then command-line flags.
+
+`LoopConfig` holds what the one step loop reads (batch, precision, accumulation, clipping, EMA, compile,
+DDP/FSDP, checkpoints, resume, log); every trainer's config extends it with its own options, so every
+trainer takes the same loop flags.
+"""
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import yaml
 
@@ -12,7 +17,7 @@ class Options:
     _kind = "training"
 
     @classmethod
-    def from_dict(cls, values: Dict[str, Any]):
+    def from_dict(cls, values: Mapping[str, Any]):
         valid = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - valid)
         if unknown:
@@ -20,15 +25,9 @@ class Options:
         return cls(**values)
 
     @classmethod
-    def from_yaml(cls, path: str, **overrides):
-        try:
-            with open(path) as f:
-                values = yaml.safe_load(f) or {}
-        except FileNotFoundError as e:
-            raise ValueError(f"config file not found: {path}") from e
-        if not isinstance(values, dict):
-            raise ValueError(f"config file {path} must hold a mapping of option: value")
-        return cls.from_dict({**values, **overrides})
+    def from_yaml(cls, path: Optional[str], defaults: Optional[Mapping[str, Any]] = None, **overrides):
+        """defaults < the YAML mapping at `path` (None: no file) < overrides (the command-line flags)."""
+        return cls.from_dict({**(defaults or {}), **yaml_values(path), **overrides})
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -45,8 +44,56 @@ class Options:
                 setattr(self, name, tuple(getattr(self, name)))
 
 
+def yaml_values(path: Optional[str]) -> Dict[str, Any]:
+    """The option: value mapping of a YAML file ({} for None), with one-line errors."""
+    if path is None:
+        return {}
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except FileNotFoundError as e:
+        raise ValueError(f"config file not found: {path}") from e
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping of option: value")
+    return values
+
+
 @dataclass
-class TrainConfig(Options):
+class LoopConfig(Options):
+    """The options of the step loop, shared by every trainer."""
+    epochs: int = 10
+    # the GLOBAL batch: torchrun sets the world size and each rank trains on its slice, split again into
+    # grad_accum_steps micro-batches, so the loss curve does not depend on how many processes run it
+    batch_size: int = 128
+    num_workers: int = 0
+    grad_accum_steps: int = 1
+    clip_grad: Optional[float] = None
+    amp: bool = False                      # bf16 autocast
+    ema_decay: float = 0.0                 # 0 = no EMA of the weights
+    grad_checkpointing: bool = False       # activation checkpointing in the model's blocks
+    compile: bool = False                  # torch.compile the trained module
+    fsdp: bool = False                     # FSDP2 (fully_shard) instead of DDP under torchrun
+    device: str = "auto"                   # 'auto' (this rank's GPU if any, else CPU) | 'cpu' | 'cuda'
+    output: str = "runs/train"
+    seed: int = 0
+    resume: bool = False
+    max_steps: int = 0                     # >0: stop after this many steps (the schedule still spans `epochs`)
+    log_every: int = 20
+    ckpt_every: int = 0                    # >0: also checkpoint every N steps (always at each epoch end)
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+    def __post_init__(self):
+        self._require_positive("epochs", "batch_size", "grad_accum_steps", "log_every")
+        if self.fsdp and self.ema_decay > 0:
+            raise ValueError("EMA of an FSDP-sharded model is not supported: use ema_decay=0 with --fsdp")
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """Supervised training (`llamavit train`, `llamavit finetune`)."""
     # model
     model: str = "illama_tiny_patch16_224"
     model_kwargs: Dict[str, Any] = field(default_factory=dict)   # extra create_model options
@@ -58,7 +105,6 @@ class TrainConfig(Options):
     data: str = "fashion_mnist"            # 'fashion_mnist', 'synthetic' or an ImageFolder path
     train_subset: int = 0                  # >0: use only the first N training images (smoke runs)
     val_subset: int = 0
-    num_workers: int = 0
     mean: Optional[Tuple[float, ...]] = None
     std: Optional[Tuple[float, ...]] = None
     scale: Tuple[float, float] = (0.08, 1.0)
@@ -67,44 +113,23 @@ class TrainConfig(Options):
     re_prob: float = 0.0
     crop_pct: float = 0.875
     # optimisation
-    epochs: int = 10
-    batch_size: int = 128
     lr: float = 1e-3
     min_lr: float = 1e-6
     warmup_epochs: float = 1.0
     warmup_lr: float = 1e-6
     weight_decay: float = 0.05
     betas: Tuple[float, float] = (0.9, 0.999)
-    clip_grad: Optional[float] = None
     label_smoothing: float = 0.1
     mixup: float = 0.0
     cutmix: float = 0.0
-    ema_decay: float = 0.0                 # 0 = no EMA
-    amp: bool = False                      # bf16 autocast
-    # scale: torchrun sets the world size; batch_size stays the GLOBAL batch (split over ranks and
-    # accumulation steps), so the loss curve does not depend on how many processes run it
-    grad_accum_steps: int = 1
-    grad_checkpointing: bool = False       # activation checkpointing in the model's blocks
-    compile: bool = False                  # torch.compile the model for training
-    fsdp: bool = False                     # FSDP2 (fully_shard) instead of DDP under torchrun
-    device: str = "auto"                   # 'auto' (this rank's GPU if any, else CPU) | 'cpu' | 'cuda'
     # iLLaMA soft mask: 'none' keeps the model's rate; 'constant' holds r=1 for soft_mask_epochs then 0;
     # 'linear' decays r from 1 to 0 over soft_mask_epochs (updated every step), then 0
     soft_mask: str = "none"
     soft_mask_epochs: float = 0.0
-    # bookkeeping
-    output: str = "runs/train"
-    seed: int = 0
-    resume: bool = False
-    max_steps: int = 0                     # >0: stop after this many steps (the schedule still spans `epochs`)
-    log_every: int = 20
-    ckpt_every: int = 0                    # >0: also checkpoint every N steps (always at each epoch end)
     eval_every: int = 1                    # evaluate every N epochs (and at the end)
-    keep_checkpoints: int = 2
-    progress: bool = True
 
     def __post_init__(self):
+        super().__post_init__()
         if self.soft_mask not in ("none", "constant", "linear"):
             raise ValueError(f"soft_mask must be 'none', 'constant' or 'linear', got {self.soft_mask!r}")
-        self._require_positive("epochs", "batch_size", "grad_accum_steps")
         self._lists_to_tuples("scale", "betas", "mean", "std")

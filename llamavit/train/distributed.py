@@ -73,9 +73,11 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
-def wrap_model(model: nn.Module, env: DistEnv, fsdp: bool = False) -> nn.Module:
+def wrap_model(model: nn.Module, env: DistEnv, fsdp: bool = False, find_unused_parameters: bool = False) -> nn.Module:
     """The module the training step calls: DDP around `model`, or `model` itself sharded in place by FSDP2
-    (`fully_shard` on every transformer block, then the root), or `model` unchanged in one process."""
+    (`fully_shard` on every transformer block, then the root), or `model` unchanged in one process.
+    find_unused_parameters: DDP must expect parameters the loss does not reach (a pre-training objective
+    around a classifier whose head it does not use)."""
     if not env.distributed:
         if fsdp:
             raise ValueError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N")
@@ -86,7 +88,8 @@ def wrap_model(model: nn.Module, env: DistEnv, fsdp: bool = False) -> nn.Module:
             fully_shard(block)
         return fully_shard(model)
     device_ids = [env.device.index] if env.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
+                                               find_unused_parameters=find_unused_parameters)
 
 
 def _transformer_blocks(model: nn.Module):

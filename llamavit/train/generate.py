@@ -3,24 +3,23 @@
 Objectives: 'ddpm' — DiT's recipe (t uniform over 1000 steps, eps MSE + learned-sigma VB) — or
 'flow' — SiT's linear interpolant with velocity regression (t ~ U[0, 1]). DiT's optimiser: AdamW,
 constant lr 1e-4, no weight decay; EMA of the weights (DiT: 0.9999; `ema_warmup` uses
-min(decay, (1 + s) / (10 + s)) so short runs get a useful average). Label dropout (the model's
+min(decay, (1 + s) / (10 + s)) so short runs get a useful average: `DiTEma`, a timm ModelEmaV3). Label dropout (the model's
 class_dropout_prob, 0.1) trains the null class for classifier-free guidance.
 
 Data: 'fashion_mnist' (28x28 zero-padded to 32x32, 1 channel, scaled to [-1, 1]), 'synthetic' (tests),
 or a latents file (.pt or .safetensors holding 'latents' (N, C, H, W) already scaled, e.g. VAE
 latents * 0.18215, and 'labels' (N,)): the model does not care which.
 
-Checkpoints and resume are the supervised loop's (train/checkpoint.py): model and EMA weights with
-metadata in safetensors, optimiser and step in state.pt; data order per (seed, epoch), and t, noise and
-label dropout per (seed, step), so a resumed run logs the same losses as an uninterrupted one.
+Training runs on the step loop (step_loop.py): model and EMA weights with metadata in safetensors,
+optimiser and step in state.pt; data order per (seed, epoch), and t, noise and label dropout per
+(seed, step), so a resumed run logs the same losses as an uninterrupted one.
 """
-import copy
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.nn as nn
+from timm.utils import ModelEmaV3
 from torch.utils.data import Subset, TensorDataset
 from torchvision import transforms as T
 
@@ -28,15 +27,14 @@ from ..data import build_dataset
 from ..data.transforms import ToRGB
 from ..diffusion import GaussianDiffusion, LinearFlow
 from ..models import create_model, load_checkpoint
-from .checkpoint import EMA_NAME, load_training_state, save_checkpoint
-from .config import Options
-from .step_loop import EpochBatchSampler, SeededAugmentation, StepLoop, seed_everything
+from .config import LoopConfig
+from .step_loop import StepLoop, mix_seed
 
 OBJECTIVES = ("ddpm", "flow")
 
 
 @dataclass
-class GenerateConfig(Options):
+class GenerateConfig(LoopConfig):
     _kind = "generation"
     model: str = "dit_llama_s_2"
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
@@ -49,32 +47,18 @@ class GenerateConfig(Options):
     in_chans: int = 1
     train_subset: int = 0
     hflip: float = 0.0
-    num_workers: int = 0
-    # optimisation (DiT: AdamW 1e-4, no weight decay, EMA 0.9999)
-    epochs: int = 10
-    batch_size: int = 128
+    # optimisation (DiT: AdamW 1e-4 constant, no weight decay, EMA 0.9999 with a warm-up)
     lr: float = 1e-4
     weight_decay: float = 0.0
-    clip_grad: Optional[float] = None
     ema_decay: float = 0.9999
     ema_warmup: bool = True
-    amp: bool = False
-    device: str = "cpu"
-    # bookkeeping
     output: str = "runs/generate"
-    seed: int = 0
-    resume: bool = False
-    max_steps: int = 0
     max_minutes: float = 0.0           # > 0: stop (with a checkpoint) after this much training time
-    log_every: int = 20
-    ckpt_every: int = 0
-    keep_checkpoints: int = 2
-    progress: bool = True
 
     def __post_init__(self):
+        super().__post_init__()
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        self._require_positive("epochs", "batch_size")
 
 
 HELP = {
@@ -128,65 +112,45 @@ def build_generative_dataset(cfg: GenerateConfig):
     return ds, list(ds.classes), True
 
 
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+class DiTEma(ModelEmaV3):
+    """timm's ModelEmaV3 with DiT-style warm-up: decay min(decay, (1 + s) / (10 + s)) after s optimiser
+    steps, so a short run's average is not dominated by the random initialisation."""
+
+    def get_decay(self, step: Optional[int] = None) -> float:
+        return self.decay if step is None else min(self.decay, (1 + step) / (10 + step))
 
 
 class GenerativeTrainer(StepLoop):
     """Trains one DiT / DiT-LLaMA according to a GenerateConfig."""
 
     progress_desc = "diffusion"
+    step_salt = 271828   # t, noise and label dropout draw from (seed, step, salt)
 
     def __init__(self, cfg: GenerateConfig):
-        self.cfg = cfg
-        seed_everything(cfg.seed)
+        self.init_loop(cfg)
         dataset, self.classes, self.pixels = build_generative_dataset(cfg)
         if cfg.train_subset:
             dataset = Subset(dataset, range(min(cfg.train_subset, len(dataset))))
         sample = dataset[0][0]
-        self.train_set = SeededAugmentation(dataset, cfg.seed)
-        self.sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed)
-        self.steps_per_epoch = len(dataset) // cfg.batch_size
-        self.total_steps = cfg.epochs * self.steps_per_epoch
-
+        self.init_data(dataset)
         self.model_kwargs = {"img_size": sample.shape[-1], "in_chans": sample.shape[0],
                              "num_classes": len(self.classes), **cfg.model_kwargs}
-        self.model = create_model(cfg.model, **self.model_kwargs)
-        if not hasattr(self.model, "t_embedder"):
+        model = create_model(cfg.model, **self.model_kwargs)
+        if not hasattr(model, "t_embedder"):
             raise ValueError(f"{cfg.model} is not a diffusion model; use a dit_* or dit_llama_* model")
         if cfg.checkpoint_path:
-            load_checkpoint(self.model, cfg.checkpoint_path)
-        self.model.to(cfg.device)
-        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
+            load_checkpoint(model, cfg.checkpoint_path)
         if cfg.objective == "ddpm":
-            self.objective = GaussianDiffusion.create(cfg.diffusion_steps, learn_sigma=self.model.cfg.learn_sigma)
+            self.objective = GaussianDiffusion.create(cfg.diffusion_steps, learn_sigma=model.cfg.learn_sigma)
         else:
             self.objective = LinearFlow()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.init_loop()
+        self.init_training(model, lr=cfg.lr, weight_decay=cfg.weight_decay, schedule="constant",
+                           ema_decay=cfg.ema_decay, ema_class=DiTEma if cfg.ema_warmup else ModelEmaV3)
 
     def meta(self) -> Dict[str, Any]:
         return {"model": self.cfg.model, "model_kwargs": self.model_kwargs, "classes": self.classes,
                 "objective": self.cfg.objective, "diffusion_steps": self.cfg.diffusion_steps,
                 "pixels": self.pixels}
-
-    def save(self) -> str:
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "config": self.cfg.to_dict()}
-        return save_checkpoint(self.cfg.output, self.step, self.model, self.meta(), state, ema=self.ema,
-                               keep=self.cfg.keep_checkpoints)
-
-    def restore(self, checkpoint_dir: str) -> int:
-        state = load_training_state(checkpoint_dir)
-        load_checkpoint(self.model, checkpoint_dir)
-        if self.ema is not None:
-            load_checkpoint(self.ema, os.path.join(checkpoint_dir, EMA_NAME))
-        self.optimizer.load_state_dict(state["optimizer"])
-        return int(state["step"])
-
-    def trained_module(self) -> nn.Module:
-        return self.model
 
     def time_limit_s(self) -> float:
         return 60.0 * self.cfg.max_minutes
@@ -194,36 +158,21 @@ class GenerativeTrainer(StepLoop):
     def summary_extras(self) -> Dict[str, Any]:
         return {"objective": self.cfg.objective, "params": sum(p.numel() for p in self.model.parameters())}
 
-    def losses(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> Dict[str, torch.Tensor]:
-        """Per-sample loss terms of one batch; t and noise drawn from `generator`."""
-        b = x.shape[0]
-        noise = torch.randn(x.shape, generator=generator, device=x.device)
-        fn = lambda xt, t: self.model(xt, t, y)  # noqa: E731
+    def prepare_batch(self, x: torch.Tensor, y: torch.Tensor):
+        """(x, y) on the device with the step's noise and timesteps (drawn from the step's generator)."""
+        x, y = x.to(self.env.device), y.to(self.env.device)
+        g = torch.Generator(device=x.device).manual_seed(mix_seed(self.cfg.seed, self.step, self.step_salt + self.env.rank))
+        noise = torch.randn(x.shape, generator=g, device=x.device)
         if self.cfg.objective == "ddpm":
-            t = torch.randint(0, self.objective.num_timesteps, (b,), generator=generator, device=x.device)
+            t = torch.randint(0, self.objective.num_timesteps, (x.shape[0],), generator=g, device=x.device)
         else:
-            t = torch.rand(b, generator=generator, device=x.device)
-        return self.objective.training_losses(fn, x, t, noise)
+            t = torch.rand(x.shape[0], generator=g, device=x.device)
+        return x, y, noise, t
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
-        cfg = self.cfg
-        step_seed = self.seed_step(271828)   # label dropout draws from the global generator
-        g = torch.Generator(device=cfg.device).manual_seed(step_seed)
-        x, y = x.to(cfg.device), y.to(cfg.device)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-            terms = self.losses(x, y, g)
-        loss = terms["loss"].mean()
-        self.check_loss(loss.item())
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.clip_grad:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
-        self.optimizer.step()
-        self.step += 1
-        if self.ema is not None:
-            decay = min(cfg.ema_decay, (1 + self.step) / (10 + self.step)) if cfg.ema_warmup else cfg.ema_decay
-            ema_update(self.ema, self.model, decay)
-        return {k: v.mean().item() for k, v in terms.items()}
+    def loss(self, x: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The objective's loss terms, averaged over the micro-batch ('loss' is what is minimised)."""
+        terms = self.objective.training_losses(lambda xt, tt: self.train_module(xt, tt, y), x, t, noise)
+        return {k: v.mean() for k, v in terms.items()}
 
 
 def train_generative(cfg: GenerateConfig) -> Dict[str, Any]:

@@ -1,15 +1,14 @@
-"""Probing (`llamavit probe`): train only a head on a frozen trunk; and fine-tuning (`llamavit finetune`).
+"""Probing (`llamavit probe`): train only a head on a frozen trunk, on the step loop.
 
 Probe heads read `forward_features` (AIM: the mean of the probe layers' raw outputs; other models:
 their final-norm tokens):
 - 'attentive': AIM's attentive pooling head (BatchNorm over tokens, one learned query, bias-free k/v);
 - 'linear': BatchNorm1d(affine=False) then Linear on the mean token (MAE's linear probe).
 Without augmentation the trunk's features are computed once and cached (float16), so an epoch of
-probing costs only the head.
+probing costs only the head. The head is checkpointed and resumed like any run; head.safetensors holds
+the final head.
 """
-import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
@@ -18,24 +17,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader, Subset, TensorDataset
 from tqdm import tqdm
 
 from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, TransformConfig, build_dataset, build_transform
-from ..layers.attentive_pool import AttentivePoolingHead
-from ..models import create_model, read_state_dict
-from ..models.registry import filter_fn_for
+from ..errors import CheckpointError
+from ..layers import AttentivePoolingHead, LinearProbeHead
+from ..models import convert_state_dict, create_model, keys_report, read_state_dict
 from .checkpoint import read_meta, resolve_checkpoint
-from .config import Options, TrainConfig
-from .loop import Trainer
+from .config import LoopConfig
+from .distributed import all_reduce_sum
+from .step_loop import StepLoop
 
 HEADS = ("attentive", "linear")
 
 
 @dataclass
-class ProbeConfig(Options):
+class ProbeConfig(LoopConfig):
     _kind = "probe"
     checkpoint: Optional[str] = None        # llamavit run/checkpoint, or an official file with --model
     model: Optional[str] = None             # model name (default: the checkpoint's); alone = random trunk
@@ -47,17 +45,15 @@ class ProbeConfig(Options):
     img_size: int = 0                       # 0 = the checkpoint's
     in_chans: int = 0                       # 0 = the checkpoint's
     augment: bool = False                   # RandomResizedCrop + flip per step (no feature cache)
-    epochs: int = 10
     batch_size: int = 256
     lr: float = 1e-3
     min_lr: float = 1e-6
     warmup_epochs: float = 1.0
     weight_decay: float = 0.05
     output: str = "runs/probe"
-    seed: int = 0
-    progress: bool = True
 
     def __post_init__(self):
+        super().__post_init__()
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
         if self.checkpoint is None and self.model is None:
@@ -70,18 +66,6 @@ HELP = {
     "head": "attentive | linear", "augment": "augment each step (RandomResizedCrop 0.4-1 + flip); no feature cache",
     "img_size": "input size (0 = the checkpoint's)", "in_chans": "input channels (0 = the checkpoint's)",
 }
-
-
-class LinearProbeHead(nn.Module):
-    """Mean token -> BatchNorm1d(affine=False) -> Linear. (B, N, D) or (B, D) -> (B, num_classes)."""
-
-    def __init__(self, dim: int, num_classes: int):
-        super().__init__()
-        self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
-        self.linear = nn.Linear(dim, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.bn(x.mean(dim=1) if x.ndim == 3 else x))
 
 
 def load_trunk(cfg: ProbeConfig) -> Tuple[nn.Module, Dict[str, Any]]:
@@ -110,14 +94,13 @@ def checkpoint_model(checkpoint: Optional[str], model: Optional[str]) -> Tuple[s
 
 def load_backbone(model: nn.Module, path: str) -> nn.Module:
     """Load every trunk weight of `path` into `model`; classifier weights that do not fit are left as initialised."""
-    state = filter_fn_for(model)(read_state_dict(resolve_checkpoint(path)), model)
+    state = convert_state_dict(model, read_state_dict(resolve_checkpoint(path)))
     own = model.state_dict()
     fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     missing = set(own) - set(fits)
     classifier = {k for k in own if _is_classifier(model, k)}
     if missing - classifier:
-        from ..models.convert import CheckpointError, _keys_report
-        raise CheckpointError(f"{path} lacks trunk weights of {type(model).__name__}: {_keys_report(missing - classifier)}")
+        raise CheckpointError(f"{path} lacks trunk weights of {type(model).__name__}: {keys_report(missing - classifier)}")
     model.load_state_dict(fits, strict=False)
     return model
 
@@ -136,24 +119,25 @@ def _transform(cfg: ProbeConfig, kwargs: Dict[str, Any], train: bool):
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, dataset, batch_size: int = 256, progress: bool = False):
-    """Frozen features of a whole dataset: (float16 (M, N, D) tokens, int64 (M,) labels)."""
+def extract_features(model: nn.Module, dataset, batch_size: int = 256, progress: bool = False, device=None):
+    """Frozen features of a whole dataset: (float16 (M, N, D) tokens on the CPU, int64 (M,) labels)."""
     model.eval()
     feats, labels = [], []
     for images, targets in tqdm(DataLoader(dataset, batch_size=batch_size), disable=not progress, desc="features"):
-        feats.append(model.forward_features(images).half())
+        feats.append(model.forward_features(images.to(device)).half().cpu())
         labels.append(targets)
     return torch.cat(feats), torch.cat(labels)
 
 
-class Prober:
+class Prober(StepLoop):
     """Trains a probe head on a frozen trunk; reports validation top-1 after every epoch."""
 
+    progress_desc = "probe"
+
     def __init__(self, cfg: ProbeConfig):
-        self.cfg = cfg
-        torch.manual_seed(cfg.seed)
+        self.init_loop(cfg)
         self.trunk, self.model_kwargs = load_trunk(cfg)
-        self.trunk.eval().requires_grad_(False)
+        self.trunk.eval().requires_grad_(False).to(self.env.device)
         train_set = build_dataset(cfg.data, "train", _transform(cfg, self.model_kwargs, True),
                                   img_size=self.model_kwargs.get("img_size", 224), seed=cfg.seed)
         val_set = build_dataset(cfg.data, "val", _transform(cfg, self.model_kwargs, False),
@@ -163,81 +147,74 @@ class Prober:
             train_set = Subset(train_set, range(min(cfg.train_subset, len(train_set))))
         if cfg.val_subset:
             val_set = Subset(val_set, range(min(cfg.val_subset, len(val_set))))
-        self.val_set = TensorDataset(*extract_features(self.trunk, val_set, progress=cfg.progress))
-        self.train_set = train_set if cfg.augment else TensorDataset(
-            *extract_features(self.trunk, train_set, progress=cfg.progress))
+        device = self.env.device
+        self.val_set = TensorDataset(*extract_features(self.trunk, val_set, progress=cfg.progress, device=device))
+        self.init_data(train_set if cfg.augment else TensorDataset(
+            *extract_features(self.trunk, train_set, progress=cfg.progress, device=device)))
         dim = self.trunk.num_features
         heads = getattr(getattr(self.trunk, "cfg", None), "num_heads", max(1, dim // 64))
-        self.head = (AttentivePoolingHead(dim, len(self.classes), heads) if cfg.head == "attentive"
-                     else LinearProbeHead(dim, len(self.classes)))
-        self.steps_per_epoch = max(1, len(self.train_set) // cfg.batch_size)
-        total = cfg.epochs * self.steps_per_epoch
-        self.optimizer = create_optimizer_v2(self.head, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = CosineLRScheduler(self.optimizer, t_initial=total, lr_min=cfg.min_lr,
-                                           warmup_t=int(cfg.warmup_epochs * self.steps_per_epoch),
-                                           warmup_lr_init=1e-6, t_in_epochs=False)
+        head = (AttentivePoolingHead(dim, len(self.classes), heads) if cfg.head == "attentive"
+                else LinearProbeHead(dim, len(self.classes)))
+        self.init_training(head, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                           warmup_steps=int(cfg.warmup_epochs * self.steps_per_epoch), warmup_lr=1e-6,
+                           min_lr=cfg.min_lr, ema_decay=cfg.ema_decay)
 
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cfg.augment:
+    def meta(self) -> Dict[str, Any]:
+        return {"probe_head": self.cfg.head, "trunk": self.model_kwargs, "trunk_checkpoint": self.cfg.checkpoint,
+                "classes": self.classes}
+
+    def prepare_batch(self, x: torch.Tensor, y: torch.Tensor):
+        x, y = x.to(self.env.device), y.to(self.env.device)
+        if self.cfg.augment:   # images: the frozen trunk's features of this step's augmented batch
             with torch.no_grad():
-                return self.trunk.forward_features(x)
-        return x.float()
+                x = self.trunk.forward_features(x)
+        return x.float(), y
+
+    def loss(self, features: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return {"loss": F.cross_entropy(self.train_module(features), targets)}
+
+    def after_step(self) -> None:
+        if self.step % self.steps_per_epoch == 0:
+            self.log({"step": self.step, "epoch": self.step / self.steps_per_epoch, **self.evaluate()})
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
-        self.head.eval()
-        correct, loss, n = 0, 0.0, 0
-        for feats, y in DataLoader(self.val_set, batch_size=1024):
-            logits = self.head(feats.float())
-            correct += (logits.argmax(-1) == y).sum().item()
-            loss += F.cross_entropy(logits, y, reduction="sum").item()
-            n += y.numel()
-        self.head.train()
+        """Top-1 and loss of the head on the cached validation features (every world_size-th on each rank)."""
+        self.module.eval()
+        sums = torch.zeros(3, dtype=torch.float64)
+        shard = Subset(self.val_set, range(self.env.rank, len(self.val_set), self.env.world_size))
+        for feats, y in DataLoader(shard, batch_size=1024):
+            logits = self.module(feats.float().to(self.env.device)).float().cpu()
+            sums += torch.tensor([(logits.argmax(-1) == y).sum().item(),
+                                  F.cross_entropy(logits, y, reduction="sum").item(), y.numel()], dtype=torch.float64)
+        self.module.train()
+        correct, loss, n = all_reduce_sum(sums, self.env).tolist()
         return {"val_top1": 100.0 * correct / n, "val_loss": loss / n}
 
-    def fit(self) -> Dict[str, Any]:
-        cfg = self.cfg
-        os.makedirs(cfg.output, exist_ok=True)
-        g = torch.Generator().manual_seed(cfg.seed)
-        history, step = [], 0
-        self.head.train()
-        for epoch in range(cfg.epochs):
-            loader = DataLoader(self.train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=g)
-            total = 0.0
-            for x, y in tqdm(loader, disable=not cfg.progress, desc=f"probe {epoch + 1}/{cfg.epochs}"):
-                self.scheduler.step_update(step)
-                loss = F.cross_entropy(self.head(self._features(x)), y)
-                if not math.isfinite(loss.item()):
-                    raise ValueError(f"probe loss is {loss.item()} at step {step}")
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                total, step = total + loss.item(), step + 1
-            history.append({"epoch": epoch + 1, "train_loss": total / max(1, len(loader)), **self.evaluate()})
-        summary = {"head": cfg.head, "model": self.model_kwargs["model"], "checkpoint": cfg.checkpoint,
-                   "val_top1": history[-1]["val_top1"], "best_val_top1": max(h["val_top1"] for h in history),
-                   "history": history}
-        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, os.path.join(cfg.output, "head.safetensors"),
-                  metadata={"head": cfg.head, "classes": json.dumps(self.classes)})
-        with open(os.path.join(cfg.output, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        return summary
+    def summary_extras(self) -> Dict[str, Any]:
+        """Final and best validation top-1, and per evaluation: the epoch, the mean training loss since the
+        evaluation before it, validation top-1 and loss (from the log, so a resumed run reports them all)."""
+        history, since = [], []
+        for r in self.history:
+            if "loss" in r:
+                since.append(r["loss"])
+            elif "val_top1" in r:
+                history.append({"epoch": r["epoch"], "train_loss": sum(since) / max(1, len(since)),
+                                "val_top1": r["val_top1"], "val_loss": r["val_loss"]})
+                since = []
+        return {"head": self.cfg.head, "model": self.model_kwargs["model"], "checkpoint": self.cfg.checkpoint,
+                "val_top1": history[-1]["val_top1"] if history else None,
+                "best_val_top1": max((h["val_top1"] for h in history), default=None), "history": history}
+
+    def after_fit(self) -> None:
+        if not any(r.get("step") == self.step and "val_top1" in r for r in self.history):
+            self.log({"step": self.step, "epoch": self.step / self.steps_per_epoch, **self.evaluate()})
+        if self.is_main:
+            head = {k: v.detach().contiguous().cpu() for k, v in self.module.state_dict().items()}
+            save_file(head, os.path.join(self.cfg.output, "head.safetensors"),
+                      metadata={"head": self.cfg.head, "classes": json.dumps(self.classes)})
 
 
 def probe(cfg: ProbeConfig) -> Dict[str, Any]:
     """Probe a frozen trunk and return the summary (validation top-1 per epoch)."""
     return Prober(cfg).fit()
-
-
-def finetune(cfg: TrainConfig) -> Dict[str, Any]:
-    """Supervised training of every weight, starting from the trunk of `cfg.checkpoint_path` (a fresh
-    classifier), with bidirectional attention (iLLaMA's soft-mask rate held at 1 unless a schedule is given)."""
-    if not cfg.checkpoint_path:
-        raise ValueError("finetune needs --checkpoint-path (a pre-trained llamavit run or an official file)")
-    trainer = Trainer(dataclasses.replace(cfg, checkpoint_path=None))
-    load_backbone(trainer.model, cfg.checkpoint_path)
-    if trainer.ema is not None:
-        trainer.ema.module.load_state_dict(trainer.model.state_dict())
-    if cfg.soft_mask == "none" and hasattr(trainer.model, "set_soft_mask_rate"):
-        trainer.model.set_soft_mask_rate(1.0)
-    return trainer.fit()

@@ -1,33 +1,54 @@
-"""The step loop shared by every trainer: supervised (loop.py), AIM/MAE pre-training, diffusion.
+"""The one step loop every trainer runs on: supervised training, AIM and MAE pre-training, diffusion
+training, probing and fine-tuning.
+
+The loop owns everything but the loss: data order, autocast, gradient accumulation (with DDP's
+`no_sync`), clipping, the non-finite stop, EMA (timm's ModelEmaV3), `torch.compile`, DDP/FSDP2
+wrapping, checkpoints, exact resume, the JSONL log, the progress bar and summary.json. A trainer's
+__init__ builds its config (a LoopConfig), datasets and modules and calls, in order,
+
+    self.init_loop(cfg)                         # process group, seeds
+    self.init_data(train_set)                   # sampler, steps per epoch (or streaming shards)
+    self.init_training(module, model=..., ...)  # device, DDP/FSDP, compile, optimiser, schedule, EMA
+
+and implements `loss(*micro_batch) -> {'loss': scalar tensor, other scalar terms}` (called under
+autocast, on the wrapped module `self.train_module`) and `meta()` (the facts a checkpoint records to
+rebuild the model). Optional hooks: `prepare_batch` (device move and the step's random draws, on the
+whole local batch before it is split), `before_step`, `after_step`, `after_fit`, `record_extras`,
+`summary_extras`, `time_limit_s`.
 
 Exact resume: the data order of epoch e is a permutation seeded by (seed, e) (EpochBatchSampler); the
-augmentation of sample i in epoch e is seeded by (seed, e, i) (SeededAugmentation); a trainer seeds its
-step's random draws (dropout, masks, noise) by (seed, step). A resumed run therefore sees the same
-batches, augmentations and random draws as an uninterrupted one, and logs the same losses.
+augmentation of sample i in epoch e is seeded by (seed, e, i) (SeededAugmentation); the loop seeds each
+step's random draws (dropout, masks, noise) by (seed, step, the trainer's salt). A resumed run therefore
+sees the same batches, augmentations and random draws as an uninterrupted one, and logs the same losses.
 
-A subclass builds, in its __init__, `cfg` (with output, resume, max_steps, progress, log_every,
-ckpt_every, batch_size, num_workers), `train_set` (a SeededAugmentation), `sampler` (an
-EpochBatchSampler), `steps_per_epoch`, `total_steps` and `optimizer`, calls `init_loop()`, and
-implements `train_step(*batch) -> {'loss': ..., other terms}` (advancing `self.step`), `save()`,
-`restore(checkpoint_dir) -> step` and `trained_module()`. The loop gives every trainer the same data
-order, JSONL log with windowed means, checkpoint cadence, progress bar and summary.json; the hooks
-below let the supervised loop add evaluation, streaming shards and multi-process runs.
+Under torchrun every rank walks the same global batches and trains on its slice of each (DDP, or FSDP2
+with `fsdp`); rank 0 alone writes logs and checkpoints; checkpoints hold full (gathered) tensors, so a
+run resumes on any world size, with or without FSDP.
 """
+import contextlib
+import itertools
 import json
 import math
 import os
 import random
 import time
-from typing import Any, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, TensorDataset
 from tqdm import tqdm
 
-from .checkpoint import latest_checkpoint
-
+from ..errors import CheckpointError, NonFiniteLossError
+from ..models import load_checkpoint, read_state_dict
+from .checkpoint import EMA_NAME, WEIGHTS_NAME, latest_checkpoint, load_training_state, save_checkpoint
+from .config import LoopConfig
+from .distributed import (DistEnv, all_reduce_sum, barrier, full_state_dicts, init_distributed, load_full_state_dicts,
+                          wrap_model)
 
 # what a run writes at the top of its output directory (a trainer may add plots beside them)
 RUN_FILES = ("checkpoints", "log.jsonl", "config.json", "summary.json", "curves.png")
@@ -47,10 +68,6 @@ def set_aside_earlier_run(output: str) -> Optional[str]:
     for name in present:
         os.replace(os.path.join(output, name), os.path.join(dest, name))
     return dest
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; training stopped without writing a checkpoint."""
 
 
 def mix_seed(*parts: int) -> int:
@@ -115,50 +132,88 @@ class StepLoop:
     """fit(): train from step `self.step` to the end (or `max_steps`, or `time_limit_s()`), then summarise."""
 
     progress_desc = "train"
+    step_salt = 104729                   # each trainer draws its step's randomness from (seed, step, salt + rank)
+    find_unused_parameters = False       # DDP: the module has parameters the loss does not reach
 
-    def init_loop(self) -> None:
+    # --- set-up, called by the trainer's __init__ in this order --------------------------------
+    def init_loop(self, cfg: LoopConfig) -> None:
+        """Join the process group (under torchrun), seed, check the batch splits."""
+        self.cfg = cfg
+        self.env: DistEnv = init_distributed(cfg.device)
+        if cfg.batch_size % (self.env.world_size * cfg.grad_accum_steps):
+            raise ValueError(f"batch_size {cfg.batch_size} (global) must be divisible by processes x "
+                             f"grad_accum_steps = {self.env.world_size} x {cfg.grad_accum_steps}")
+        seed_everything(cfg.seed)
         self.step = 0
         self.history: List[Dict[str, Any]] = []
-        self.log_path = os.path.join(self.cfg.output, "log.jsonl")
+        self.log_path = os.path.join(cfg.output, "log.jsonl")
         self.bar = None
 
+    def init_data(self, train_set: Dataset) -> None:
+        """Training data: an indexable dataset (seeded order and augmentation), a TensorDataset (batches
+        indexed in memory) or streaming shards (each rank streams its own)."""
+        cfg, env = self.cfg, self.env
+        self.streaming = isinstance(train_set, IterableDataset)
+        if len(train_set) < cfg.batch_size:
+            raise ValueError(f"the training set has {len(train_set)} images, fewer than one batch of {cfg.batch_size}")
+        if self.streaming:
+            train_set.rank, train_set.world_size = env.rank, env.world_size
+            self.train_set, self.sampler = train_set, None
+        else:
+            self.sampler = EpochBatchSampler(len(train_set), cfg.batch_size, cfg.seed, env.rank, env.world_size)
+            self.train_set = train_set if isinstance(train_set, TensorDataset) else SeededAugmentation(train_set,
+                                                                                                       cfg.seed)
+        self.steps_per_epoch = len(train_set) // cfg.batch_size
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+
+    def init_training(self, module: nn.Module, model: Optional[nn.Module] = None, lr: float = 1e-3,
+                      weight_decay: float = 0.0, betas: Tuple[float, float] = (0.9, 0.999),
+                      warmup_steps: int = 0, warmup_lr: float = 1e-6, min_lr: float = 0.0,
+                      schedule: str = "cosine", ema_decay: float = 0.0, ema_class: type = ModelEmaV3) -> None:
+        """Place and wrap the trained `module` (DDP / FSDP2 / compile), and build its optimiser and schedule.
+
+        model: the part of `module` whose weights make the checkpoint's model.safetensors (the trunk of a
+        pre-training objective); default the module itself. The rest of the module (a decoder) is saved
+        with the optimiser. schedule: 'cosine' (timm's, per step, with linear warm-up) or 'constant'.
+        ema_decay > 0: an EMA of `model` (`ema_class`: timm's ModelEmaV3 or a subclass), updated after every
+        optimiser step with the number of steps done.
+        """
+        cfg = self.cfg
+        self.module, self.model = module, model if model is not None else module
+        self.model_prefix = next((name + "." for name, m in module.named_modules() if m is self.model and name), "")
+        if cfg.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        module.to(self.env.device)
+        # what the step calls: DDP / FSDP2 (which shards `module` in place) / compiled
+        self.train_module = wrap_model(module, self.env, cfg.fsdp, self.find_unused_parameters)
+        if cfg.compile:
+            self.train_module = torch.compile(self.train_module)
+        self.optimizer = create_optimizer_v2(module, "adamw", lr=lr, weight_decay=weight_decay, betas=tuple(betas))
+        self.scheduler = None
+        if schedule == "cosine":
+            self.scheduler = CosineLRScheduler(self.optimizer, t_initial=self.total_steps, lr_min=min_lr,
+                                               warmup_t=warmup_steps, warmup_lr_init=warmup_lr, t_in_epochs=False)
+        elif schedule != "constant":
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+        self.ema = ema_class(self.model, decay=ema_decay) if ema_decay > 0 else None
+
     # --- to implement ---------------------------------------------------------------------------
-    def train_step(self, *batch) -> Dict[str, float]:
+    def loss(self, *batch: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Loss terms of one micro-batch, {'loss': scalar to minimise, name: scalar to log}."""
         raise NotImplementedError
 
-    def save(self) -> str:
-        raise NotImplementedError
-
-    def restore(self, checkpoint_dir: str) -> int:
-        """Load weights and training state from a checkpoint directory; return its step."""
-        raise NotImplementedError
-
-    def trained_module(self) -> nn.Module:
+    def meta(self) -> Dict[str, Any]:
+        """JSON-able facts a checkpoint records to rebuild the model (model, model_kwargs, classes, ...)."""
         raise NotImplementedError
 
     # --- optional hooks -------------------------------------------------------------------------
-    @property
-    def is_main(self) -> bool:
-        """Whether this process writes logs and files (rank 0 of a multi-process run)."""
-        return True
+    def prepare_batch(self, *batch) -> Tuple[torch.Tensor, ...]:
+        """This rank's batch -> tensors with the batch dimension first, on the device (the loop splits them
+        into micro-batches). Draw the step's random values here (the generators are seeded for the step)."""
+        return tuple(t.to(self.env.device, non_blocking=True) for t in batch)
 
-    def epoch_batches(self, epoch: int, start_batch: int) -> Iterable:
-        """The batches of `epoch` from batch `start_batch` on (the same ones after a resume)."""
-        self.train_set.epoch = self.sampler.epoch = epoch
-        self.sampler.start_batch = start_batch
-        return DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=self.cfg.num_workers)
-
-    def time_limit_s(self) -> float:
-        """Stop (with a checkpoint) after this many seconds of training; 0 = no limit."""
-        return 0.0
-
-    def record_extras(self) -> Dict[str, Any]:
-        """Extra fields of every training log record."""
-        return {}
-
-    def run_config(self) -> Dict[str, Any]:
-        """What config.json records."""
-        return self.cfg.to_dict()
+    def before_step(self) -> None:
+        pass
 
     def after_step(self) -> None:
         pass
@@ -166,23 +221,130 @@ class StepLoop:
     def after_fit(self) -> None:
         pass
 
+    def record_extras(self) -> Dict[str, Any]:
+        """Extra fields of every training log record."""
+        return {}
+
     def summary_extras(self) -> Dict[str, Any]:
         return {}
 
-    # --- shared ---------------------------------------------------------------------------------
-    def seed_step(self, salt: int) -> int:
-        """Seed every global generator for the current step (dropout, masks, noise); returns the seed.
+    def time_limit_s(self) -> float:
+        """Stop (with a checkpoint) after this many seconds of training; 0 = no limit."""
+        return 0.0
 
-        Each trainer passes its own salt, so two objectives at the same step draw differently."""
+    def run_config(self) -> Dict[str, Any]:
+        """What config.json records."""
+        return {**self.cfg.to_dict(), "world_size": self.env.world_size}
+
+    # --- shared ---------------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes logs and files (rank 0 of a multi-process run)."""
+        return self.env.is_main
+
+    def seed_step(self, salt: int) -> int:
+        """Seed every global generator for the current step (dropout, masks, noise); returns the seed."""
         seed = mix_seed(self.cfg.seed, self.step, salt)
         seed_everything(seed)
         torch.manual_seed(seed)
         return seed
 
-    def check_loss(self, value: float) -> None:
+    def epoch_batches(self, epoch: int, start_batch: int) -> Iterable:
+        """This rank's batches of `epoch` from batch `start_batch` on (the same ones after a resume)."""
+        if self.streaming:
+            self.train_set.epoch = epoch
+            local = self.cfg.batch_size // self.env.world_size
+            loader = DataLoader(self.train_set, batch_size=local, num_workers=self.cfg.num_workers, drop_last=True)
+            return itertools.islice(loader, start_batch, self.steps_per_epoch)
+        self.sampler.epoch, self.sampler.start_batch = epoch, start_batch
+        if isinstance(self.train_set, TensorDataset):   # cached tensors (probe features): index whole batches
+            return (tuple(t[idx] for t in self.train_set.tensors) for idx in map(torch.tensor, self.sampler))
+        self.train_set.epoch = epoch
+        return DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=self.cfg.num_workers)
+
+    def train_step(self, *batch) -> Dict[str, float]:
+        """One optimiser step on a global batch (this rank's slice of it) -> the global-batch mean of each term."""
+        cfg = self.cfg
+        self.before_step()
+        if self.scheduler is not None:
+            self.scheduler.step_update(self.step)
+        self.seed_step(self.step_salt + self.env.rank)
+        batch = self.prepare_batch(*batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        accum, names, sums = cfg.grad_accum_steps, None, None
+        for i, micro in enumerate(zip(*(t.chunk(accum) for t in batch))):
+            # DDP: all-reduce gradients only once, on the last micro-batch
+            sync = contextlib.nullcontext() if i == accum - 1 or not hasattr(self.train_module, "no_sync") \
+                else self.train_module.no_sync()
+            with sync:
+                with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+                    terms = self.loss(*micro)
+                (terms["loss"] / accum).backward()
+            values = torch.stack([v.detach().float() for v in terms.values()]) / accum
+            names, sums = list(terms), values if sums is None else sums + values
+        # the global-batch means, the same on every rank (so a NaN stops every rank at once)
+        means = all_reduce_sum(sums.double().cpu(), self.env) / self.env.world_size
+        record = dict(zip(names, means.tolist()))
+        self.check_finite("loss", record["loss"])
+        if cfg.clip_grad:
+            norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.clip_grad)
+            self.check_finite("gradient norm", float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
+        self.optimizer.step()
+        self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)
+        return record
+
+    def check_finite(self, what: str, value: float) -> None:
         if not math.isfinite(value):
-            raise NonFiniteLossError(f"loss is {value} at step {self.step}; training stopped, nothing was saved after "
-                                     f"the last good checkpoint in {os.path.join(self.cfg.output, 'checkpoints')}")
+            raise NonFiniteLossError(f"{what} is {value} at step {self.step}; training stopped, nothing was saved "
+                                     f"after the last good checkpoint in {os.path.join(self.cfg.output, 'checkpoints')}")
+
+    def _check_weights_finite(self) -> None:
+        """Before a checkpoint: a finite loss can still come with an update that made the weights non-finite."""
+        bad = sum(int(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+                  for p in self.module.parameters() if p.is_floating_point())
+        if all_reduce_sum(torch.tensor([float(bad)], dtype=torch.float64), self.env).item():
+            raise NonFiniteLossError(f"the weights became NaN or infinite at step {self.step} (is the learning rate "
+                                     f"too high?); training stopped and kept the last good checkpoint in "
+                                     f"{os.path.join(self.cfg.output, 'checkpoints')}")
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def save(self) -> str:
+        """Checkpoint: the model's weights + meta in model.safetensors, the rest of the module, the optimiser
+        and the step in state.pt, the EMA beside them (collective under FSDP: every rank gathers, rank 0 writes)."""
+        self._check_weights_finite()
+        module_sd, optim_sd = full_state_dicts(self.module, self.optimizer)
+        path = ""
+        if self.is_main:
+            p = self.model_prefix
+            model_sd = {k[len(p):]: v for k, v in module_sd.items() if k.startswith(p)}
+            rest = {k: v for k, v in module_sd.items() if not k.startswith(p)}
+            state = {"step": self.step, "optimizer": optim_sd, "config": self.cfg.to_dict(), "module_rest": rest}
+            path = save_checkpoint(self.cfg.output, self.step, self.model, self.meta(), state,
+                                   ema=self.ema.module if self.ema is not None else None,
+                                   keep=self.cfg.keep_checkpoints, model_state=model_sd)
+        barrier(self.env)
+        return path
+
+    def restore(self, checkpoint_dir: str) -> int:
+        """Load weights, the rest of the module, the optimiser and the EMA from a checkpoint; -> its step."""
+        state = load_training_state(checkpoint_dir)
+        rest = state.get("module_rest", {})
+        if self.cfg.fsdp:   # sharded parameters take the full tensors through torch.distributed.checkpoint
+            p = self.model_prefix
+            model_sd = read_state_dict(os.path.join(checkpoint_dir, WEIGHTS_NAME))
+            full = {**{p + k: v for k, v in model_sd.items()}, **rest}
+            load_full_state_dicts(self.module, self.optimizer, full, state["optimizer"])
+        else:               # the usual checks: a checkpoint of another model is refused by name
+            load_checkpoint(self.model, checkpoint_dir)
+            if self.module is not self.model:
+                _load_rest(self.module, rest, self.model_prefix, checkpoint_dir)
+            load_full_state_dicts(self.module, self.optimizer, None, state["optimizer"])
+        if self.ema is not None:
+            ema_path = os.path.join(checkpoint_dir, EMA_NAME)
+            load_checkpoint(self.ema.module, ema_path if os.path.isfile(ema_path) else checkpoint_dir)
+        return int(state["step"])
 
     def try_resume(self) -> bool:
         ckpt = latest_checkpoint(self.cfg.output)
@@ -202,6 +364,7 @@ class StepLoop:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    # --- the loop -------------------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
         cfg, main = self.cfg, self.is_main
         os.makedirs(cfg.output, exist_ok=True)
@@ -218,7 +381,7 @@ class StepLoop:
         window: Dict[str, float] = {}
         window_n, window_t, start = 0, time.perf_counter(), time.perf_counter()
         limit = self.time_limit_s()
-        self.trained_module().train()
+        self.module.train()
         while self.step < stop_at:
             for batch in self.epoch_batches(self.step // self.steps_per_epoch, self.step % self.steps_per_epoch):
                 for k, v in self.train_step(*batch).items():
@@ -253,3 +416,12 @@ class StepLoop:
             with open(os.path.join(cfg.output, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
         return summary
+
+
+def _load_rest(module: nn.Module, rest: Dict[str, torch.Tensor], model_prefix: str, source: str) -> None:
+    """Load the checkpoint's non-model entries (a decoder, a mask token) into `module`, strictly."""
+    result = module.load_state_dict(rest, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(model_prefix)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{source} does not fit the trained module: missing {sorted(missing)[:8]}, "
+                              f"unexpected {sorted(result.unexpected_keys)[:8]}")

@@ -9,38 +9,16 @@ so position i predicts patch i+1, and only patches outside the prefix are target
 llamavit trunk that takes `attn_mask` (AIM, iLLaMA, VisionLLaMA), whatever extra tokens it adds.
 """
 from dataclasses import dataclass
+from functools import partial
 from typing import Tuple
 
 import torch
 import torch.nn as nn
 from timm.layers import Mlp
 
-from ..layers import prefix_causal_mask
+from ..layers import Block, prefix_causal_mask, run_blocks
 from ..layers.pos_embed import sincos_2d
-
-TARGET_EPS = 1e-6
-
-
-def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H/p * W/p, p * p * C); patches in raster order, pixels ordered (py, px, c)."""
-    b, c, h, w = images.shape
-    p = patch_size
-    x = images.reshape(b, c, h // p, p, w // p, p)
-    return torch.einsum("bchpwq->bhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
-
-
-def unpatchify(patches: torch.Tensor, patch_size: int, grid: Tuple[int, int], channels: int) -> torch.Tensor:
-    """Inverse of patchify: (B, gh * gw, p * p * C) -> (B, C, gh * p, gw * p)."""
-    b, p = patches.shape[0], patch_size
-    x = patches.reshape(b, grid[0], grid[1], p, p, channels)
-    return torch.einsum("bhwpqc->bchpwq", x).reshape(b, channels, grid[0] * p, grid[1] * p)
-
-
-def normalized_targets(patches: torch.Tensor, eps: float = TARGET_EPS) -> torch.Tensor:
-    """Standardise every patch by its own mean and UNBIASED variance: (x - mean) / sqrt(var + eps)."""
-    mean = patches.mean(dim=-1, keepdim=True)
-    var = patches.var(dim=-1, keepdim=True)   # unbiased, as the official loss
-    return (patches - mean) / (var + eps) ** 0.5
+from .targets import freeze_unreached, normalized_targets, patchify
 
 
 def next_patch_loss(preds: torch.Tensor, targets: torch.Tensor, prefix_len: torch.Tensor) -> torch.Tensor:
@@ -74,19 +52,12 @@ class DecoderConfig:
     identity_attn_quirk: bool = True
 
 
-class DecoderBlock(nn.Module):
-    """[x + norm_1(x)] then x + mlp(norm_2(x)); bias-free GELU MLP. (B, N, dim) -> (B, N, dim)."""
-
-    def __init__(self, cfg: DecoderConfig):
-        super().__init__()
-        self.norm_1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.identity_attn_quirk else None
-        self.norm_2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.mlp = Mlp(cfg.dim, int(cfg.mlp_ratio * cfg.dim), act_layer=nn.GELU, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.norm_1 is not None:
-            x = x + self.norm_1(x)
-        return x + self.mlp(self.norm_2(x))
+def decoder_block(cfg: DecoderConfig) -> Block:
+    """[x + norm1(x)] then x + mlp(norm2(x)); bias-free GELU MLP. The official block's attention is an
+    identity, so with the quirk it is our Block with `nn.Identity()` as attention. (B, N, dim) -> (B, N, dim)."""
+    mlp = Mlp(cfg.dim, int(cfg.mlp_ratio * cfg.dim), act_layer=nn.GELU, bias=False)
+    return Block(cfg.dim, nn.Identity() if cfg.identity_attn_quirk else None, mlp,
+                 norm_layer=partial(nn.LayerNorm, eps=cfg.norm_eps))
 
 
 class PixelDecoder(nn.Module):
@@ -100,7 +71,7 @@ class PixelDecoder(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, cfg: DecoderConfig):
         super().__init__()
         self.decoder_projection = nn.Linear(in_dim, cfg.dim, bias=True)
-        self.decoder_blocks = nn.ModuleList([DecoderBlock(cfg) for _ in range(cfg.depth)])
+        self.decoder_blocks = nn.ModuleList([decoder_block(cfg) for _ in range(cfg.depth)])
         self.decoder_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.decoder_pred = nn.Linear(cfg.dim, out_dim, bias=True)
         for m in self.modules():
@@ -112,16 +83,15 @@ class PixelDecoder(nn.Module):
     def forward(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         x = self.decoder_projection(x)
         x = x + sincos_2d(x.shape[-1], grid[0], grid[1], device=x.device).to(x.dtype)
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        return self.decoder_pred(self.decoder_norm(x))
+        return self.decoder_pred(self.decoder_norm(run_blocks(self.decoder_blocks, x)))
 
 
 class AutoregressiveObjective(nn.Module):
     """Trunk + pixel decoder; forward(images, prefix_len) -> (loss, preds, targets).
 
     The trunk is any llamavit model taking `attn_mask`: AIM's `forward_trunk` (post-trunk norm), else
-    `forward_features`. Extra tokens (a leading class token counts as prefix; a trailing one, as
+    `forward_features`; trunk parameters that path never reaches (the classifier head, AIM's attentive
+    probe) are frozen. Extra tokens (a leading class token counts as prefix; a trailing one, as
     iLLaMA's, only sees the patches) are located once with a probe forward and dropped.
     """
 
@@ -134,8 +104,11 @@ class AutoregressiveObjective(nn.Module):
         grid = img_size // self.patch_size
         num_patches = grid * grid
         self.lead = int(getattr(model, "num_prefix_tokens", 0))
+        images = torch.zeros(1, in_chans, img_size, img_size, device=_device(model))
         with torch.no_grad():
-            probe = self._trunk(torch.zeros(1, in_chans, img_size, img_size, device=_device(model)), None)
+            probe = self._trunk(images, None)
+        full = torch.ones(probe.shape[1], probe.shape[1], dtype=torch.bool, device=images.device)
+        self.frozen = freeze_unreached(model, lambda: self._trunk(images, full))   # also checks it takes a mask
         self.trail = probe.shape[1] - num_patches - self.lead
         if self.trail < 0:
             raise ValueError(f"{type(model).__name__} returns {probe.shape[1]} tokens for {num_patches} patches")

@@ -1,4 +1,4 @@
-"""Attentive pooling classifier: one learned query attends over the tokens (AIM's probe head)."""
+"""Probe heads over tokens: attentive pooling (AIM's head) and the linear probe (MAE's)."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -37,4 +37,20 @@ class AttentivePoolingHead(nn.Module):
         k = self.k(x).unflatten(-1, split).transpose(1, 2)
         v = self.v(x).unflatten(-1, split).transpose(1, 2)
         pooled = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2).mean(dim=1)
+        return pooled if pre_logits else self.linear(pooled)
+
+
+class LinearProbeHead(nn.Module):
+    """Mean token -> BatchNorm1d(affine=False) -> Linear, as MAE's linear probe.
+
+    x: (B, N, D) tokens or (B, D) -> logits (B, num_classes), or the normalised (B, D) with pre_logits=True.
+    """
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        pooled = self.bn(x.mean(dim=1) if x.ndim == 3 else x)
         return pooled if pre_logits else self.linear(pooled)

@@ -1,0 +1,26 @@
+"""The errors llamavit raises for bad input: each carries one line saying what is wrong and what was expected.
+
+The command line prints them without a traceback (`USER_ERRORS`); everything else is a bug and keeps its
+traceback.
+"""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+class DatasetError(RuntimeError):
+    """A dataset that is missing or unreadable; the message says how to fix it."""
+
+
+class ImageReadError(ValueError):
+    """An image file that cannot be opened or decoded."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the weights became NaN or infinite; training stopped and kept the last good checkpoint."""
+
+
+# what `llamavit` reports in one line (ValueError and TypeError cover bad options and LLM files)
+USER_ERRORS = (CheckpointError, DatasetError, ImageReadError, NonFiniteLossError, ValueError, TypeError,
+               FileNotFoundError)

@@ -1,0 +1,34 @@
+"""The images a trained checkpoint is evaluated on: its own evaluation transform over a dataset's split."""
+from typing import Optional, Tuple
+
+from torch.utils.data import DataLoader, Subset
+
+from ..data import TransformConfig, build_dataset, build_transform
+from ..train.checkpoint import load_training_state, read_meta, resolve_checkpoint
+
+
+def checkpoint_transform(checkpoint: str) -> TransformConfig:
+    """The evaluation transform a llamavit training checkpoint recorded (input size, channels, normalisation)."""
+    meta = read_meta(checkpoint)
+    if "transform" not in meta:
+        raise ValueError(f"{checkpoint} is not a llamavit training checkpoint (no transform metadata)")
+    return TransformConfig(**meta["transform"])
+
+
+def training_data(checkpoint: str) -> str:
+    """The dataset a llamavit checkpoint was trained on (its run config's `data`)."""
+    return load_training_state(resolve_checkpoint(checkpoint))["config"]["data"]
+
+
+def eval_loader(checkpoint: str, data: Optional[str] = None, subset: int = 0, batch_size: int = 256,
+                split: str = "val") -> Tuple[DataLoader, str, int]:
+    """(loader of (images, labels), dataset name, image count): `split` of `data` (default: the dataset the
+    checkpoint was trained on) through the checkpoint's evaluation transform, in order; `subset` > 0 keeps
+    the first N images."""
+    tcfg = checkpoint_transform(checkpoint)
+    data = data or training_data(checkpoint)
+    ds = build_dataset(data, split, build_transform(tcfg, is_training=False), img_size=tcfg.img_size,
+                       in_chans=tcfg.in_chans)
+    if subset:
+        ds = Subset(ds, range(min(subset, len(ds))))
+    return DataLoader(ds, batch_size=batch_size, shuffle=False), data, len(ds)
