@@ -23,6 +23,7 @@ demo: venv fashion-mnist
 	$(PY) -m llamavit.cli demo
 
 test: venv fashion-mnist
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 test-slow: venv fashion-mnist

@@ -69,7 +69,7 @@ def main() -> None:
         commit = extract(args.ref, root)
         sys.path.insert(0, root)
         ref_registry = importlib.import_module("llamavit_ref.models.registry")
-        import llamavit   # imported second: timm's registry then points at the current package
+        import llamavit  # imported second: timm's registry then points at the current package
         x = torch.randn(args.batch, 3, args.img_size, args.img_size)
         result = {"ref": commit, "batch": args.batch, "img_size": args.img_size, "threads": args.threads,
                   "cpu": cpu_model(), "cpu_flags": cpu_flags(), "torch": torch.__version__, "models": {}}

@@ -18,10 +18,10 @@ import shutil
 import time
 
 import torch
+from pretrain_timing import pretrain_vs_supervised_step  # bench/ helper
 
 from llamavit.train import PretrainConfig, Pretrainer
-from llamavit.train.probe import Prober, ProbeConfig
-from pretrain_timing import pretrain_vs_supervised_step  # bench/ helper
+from llamavit.train.probe import ProbeConfig, Prober
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRUNK = dict(patch_size=4, embed_dim=96, depth=6, num_heads=3, probe_layers=3)

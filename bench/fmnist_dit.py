@@ -2,7 +2,8 @@
 same CPU time budget each, then class-conditional samples scored with a llamavit classifier.
 
 Steps: (1) train the feature classifier (a small VisionLLaMA, `--classifier-epochs`) unless
-`--classifier RUN` is given; (2) train DiT and DiT-LLaMA (D 128, depth 6, 4 heads, patch 4: 64 tokens; DiT-LLaMA's SwiGLU
+`--classifier RUN` is given; (2) train DiT and DiT-LLaMA (D 128, depth 6, 4 heads, patch 4: 64 tokens;
+DiT-LLaMA's SwiGLU
 hidden 344 so both have ~1.87M parameters)
 with DiT's DDPM hybrid objective (or `--objective flow`, SiT's) for `--budget-min` minutes each;
 (3) sample `--num-samples` images balanced over the 10 classes from each EMA model (DDIM `--steps`,

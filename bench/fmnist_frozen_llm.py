@@ -23,10 +23,10 @@ import sys
 import time
 
 import torch
+from machine import cpu_model
 
 from llamavit import create_model
 from llamavit.train import TrainConfig, Trainer
-from machine import cpu_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VIT = {"patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3, "mlp_ratio": 4.0}

@@ -18,9 +18,9 @@ import shutil
 import time
 
 import torch
+from machine import bf16_native, cpu_model
 
 from llamavit.train import TrainConfig, Trainer
-from machine import bf16_native, cpu_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

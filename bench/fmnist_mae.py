@@ -19,9 +19,9 @@ import shutil
 import time
 
 import torch
+from pretrain_timing import pretrain_vs_supervised_step  # bench/ helper
 
 from llamavit.train import MAE_DEFAULTS, PretrainConfig, Pretrainer, TrainConfig, finetune, train
-from pretrain_timing import pretrain_vs_supervised_step  # bench/ helper
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODEL = "visionllama_small_patch16_224"

@@ -34,11 +34,11 @@ from typing import Callable, Dict, List
 import timm
 import torch
 import torch.nn.functional as F
+from machine import cpu_flags, cpu_model
 from torch.utils.flop_counter import FlopCounterMode
 
 import llamavit
 from llamavit.layers import apply_rope, naive_soft_mask_attention, soft_mask_attention
-from machine import cpu_flags, cpu_model
 
 OURS = "illama_tiny_patch16_224"
 PEER = "deit_tiny_patch16_224"
@@ -133,7 +133,8 @@ def summary(samples: List[float], other_cores: List[float], min_quiet: int = 3) 
     quiet = [t for t, c in zip(samples, other_cores) if c is not None and c < QUIET_CORES]
     use_quiet = len(quiet) >= min_quiet
     known = [c for c in other_cores if c is not None]
-    return {"median_s": statistics.median(quiet if use_quiet else samples), "median_from": "quiet" if use_quiet else "all",
+    return {"median_s": statistics.median(quiet if use_quiet else samples),
+            "median_from": "quiet" if use_quiet else "all",
             "median_all_s": statistics.median(samples), "min_s": min(samples), "max_s": max(samples),
             "n": len(samples), "n_quiet": len(quiet),
             "other_cores_median": statistics.median(known) if known else None}
@@ -386,8 +387,8 @@ def check_alternatives(batch: int, tokens: int, dim: int, heads: int, model: tor
     norm = model.blocks[0].norm1
     with torch.inference_mode():
         return {
-            "lse_attention_r0": (soft_mask_attention(q, k, v, 0.0, impl="lse") - fused_soft_mask(q, k, v, 0.0)).abs().max().item(),
-            "lse_attention_r0.5": (soft_mask_attention(q, k, v, 0.5, impl="lse") - fused_soft_mask(q, k, v, 0.5)).abs().max().item(),
+            **{f"lse_attention_r{r}": (soft_mask_attention(q, k, v, r, impl="lse") - fused_soft_mask(q, k, v, r))
+               .abs().max().item() for r in (0.0, 0.5)},
             "rope_complex": (rope_complex(q, torch.complex(cos, sin)) - apply_rope(q, cos, sin)).abs().max().item(),
             "rms_vector_norm": (rms_norm_vector_norm(x, norm.weight, norm.eps) - norm(x)).abs().max().item(),
         }
@@ -482,7 +483,8 @@ def markdown(res: dict) -> str:
                      f"| {r['nominal_gflop_per_img']:.3f} | {r['executed_gflop_per_img']:.3f} "
                      f"| {100 * r['frac_of_matmul_peak_nominal']:.0f} % |")
     ratio = mods["ratio_ours_over_peer"]
-    lines += ["", f"Ratio iLLaMA-T / DeiT-T: **{ratio:.3f}** (all rounds {mods['ratio_ours_over_peer_all_rounds']:.3f}; "
+    all_rounds = mods["ratio_ours_over_peer_all_rounds"]
+    lines += ["", f"Ratio iLLaMA-T / DeiT-T: **{ratio:.3f}** (all rounds {all_rounds:.3f}; "
               f"target >= {res['config']['target']}: {'met' if ratio >= res['config']['target'] else 'NOT met'})", ""]
     lines += _attention_table("Soft-mask attention forward (B 32, 3 heads, d 64)", res["attention_forward"],
                               "max abs diff", "max_abs_diff")
@@ -499,9 +501,10 @@ def _attention_table(title: str, rows: List[dict], diff_label: str, diff_key: st
              f"naive/LSE | official/fused | official/LSE | rounds (quiet) | {diff_label} |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ms = lambda key: f"{1e3 * r[key]['median_s']:.2f}" if key in r else "-"   # noqa: E731
-        ratio = lambda key: f"{r[key]:.2f}" if key in r else "-"   # noqa: E731
-        lines.append(f"| {r['tokens']} | {r['rate']} | {ms('fused')} | {ms('lse')} | {ms('naive')} | {ms('official')} | "
+        ms = lambda key, r=r: f"{1e3 * r[key]['median_s']:.2f}" if key in r else "-"   # noqa: E731
+        ratio = lambda key, r=r: f"{r[key]:.2f}" if key in r else "-"   # noqa: E731
+        lines.append(f"| {r['tokens']} | {r['rate']} | {ms('fused')} | {ms('lse')} | {ms('naive')} | "
+                     f"{ms('official')} | "
                      f"{ratio('ratio_naive_over_fused')} | {ratio('ratio_naive_over_lse')} | "
                      f"{ratio('ratio_official_over_fused')} | {ratio('ratio_official_over_lse')} | "
                      f"{r['fused']['n']} ({r['fused']['n_quiet']}) | {r[diff_key]:.2e} |")
@@ -514,9 +517,10 @@ def _profile_tables(w: dict) -> List[str]:
     for name, r in w["variants"].items():
         lines.append(f"| {name} | {r['img_per_s']:.1f} | {r['ratio_over_peer']:.3f} |")
     comp = w["components"]
+    diffs = ", ".join(f"{k} {v:.1e}" for k, v in comp["alternatives_max_abs_diff"].items())
     lines += ["", f"Block components at {comp['tokens']} tokens, batch 32 (median ms per call; x{comp['depth']} "
               f"blocks per forward). 'alt' rows are equivalent forms the library does not use yet "
-              f"(max abs diff vs ours: {', '.join(f'{k} {v:.1e}' for k, v in comp['alternatives_max_abs_diff'].items())}):",
+              f"(max abs diff vs ours: {diffs}):",
               "", "| component | ms/call | ms/forward |", "|---|---|---|"]
     for name, r in comp["components"].items():
         lines.append(f"| {name} | {r['ms_per_call']:.2f} | {r['ms_per_fwd_x_depth']:.1f} |")
@@ -536,13 +540,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--quick", action="store_true", help="~30 s smoke run (few rounds, no extension)")
-    p.add_argument("--model-rounds", type=int, default=None, help="min interleaved rounds per model (default 20, quick 3)")
-    p.add_argument("--attn-rounds", type=int, default=None, help="min interleaved rounds per attention case (default 15, quick 3)")
+    p.add_argument("--model-rounds", type=int, default=None,
+                   help="min interleaved rounds per model (default 20, quick 3)")
+    p.add_argument("--attn-rounds", type=int, default=None,
+                   help="min interleaved rounds per attention case (default 15, quick 3)")
     p.add_argument("--target", type=float, default=0.9, help="target ratio iLLaMA-T / DeiT-T")
     p.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
                    help="section 5: 'auto' runs it when the ratio is below --target")
     p.add_argument("--tol", type=float, default=1e-4, help="max abs difference fused vs naive")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "throughput.json"))
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                 "throughput.json"))
     return p.parse_args(argv)
 
 

@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a few test images.")
     p.add_argument("--output", default="runs/demo", help="run directory (default: runs/demo)")
     p.add_argument("--epochs", type=int, default=1, help="training epochs (default: 1)")
-    p.add_argument("--train-subset", type=int, default=0, help="use only the first N training images (default: all 60000)")
+    p.add_argument("--train-subset", type=int, default=0,
+                   help="use only the first N training images (default: all 60000)")
     return parser
 
 
@@ -158,10 +159,12 @@ def cmd_probe(args) -> None:
 def _run_and_print(run, cfg, drop=()) -> None:
     """Run a trainer; rank 0 prints its summary as JSON (the process group is left on the way out)."""
     from .train.distributed import shutdown_distributed
+    finished = False
     try:
         summary = run(cfg)
+        finished = True
     finally:
-        shutdown_distributed()
+        shutdown_distributed(finished)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in summary.items() if k not in drop}, indent=2))
 

@@ -66,7 +66,8 @@ def _load(args):
 def _sample(args, model, meta, labels):
     from .diffusion.sampling import generate_samples
     return generate_samples(model, labels, meta["objective"], args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
-                            seed=args.seed, batch_size=args.batch_size, diffusion_steps=meta.get("diffusion_steps", 1000),
+                            seed=args.seed, batch_size=args.batch_size,
+                            diffusion_steps=meta.get("diffusion_steps", 1000),
                             eta=args.eta, clip_denoised=meta.get("pixels", True))
 
 

@@ -147,9 +147,11 @@ def test_mask_shapes_agree_and_causality_holds():
         # prefix-causal: with prefix 4 tokens 0..4 still do not see patch 5; with prefix 8 token 0 does
         for length, sees_patch_5 in ((4, False), (8, True)):
             prefix = prefix_causal_mask(n, torch.tensor([length, length]))
-            d = max_diff(model.forward_features(x, attn_mask=prefix)[:, 0], model.forward_features(x2, attn_mask=prefix)[:, 0])
+            first = [model.forward_features(inp, attn_mask=prefix)[:, 0] for inp in (x, x2)]
+            d = max_diff(*first)
             assert (d > 1e-3) == sees_patch_5
-        assert max_diff(model.forward_features(x), model.forward_features(x, attn_mask=torch.ones(n, n, dtype=torch.bool))) < 1e-6
+        full = torch.ones(n, n, dtype=torch.bool)
+        assert max_diff(model.forward_features(x), model.forward_features(x, attn_mask=full)) < 1e-6
 
 
 def test_wrong_mask_size_is_explained():

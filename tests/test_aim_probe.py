@@ -10,7 +10,7 @@ from llamavit.cli import main as cli_main
 from llamavit.data import DatasetError, FashionMNIST
 from llamavit.models.convert import CheckpointError
 from llamavit.train.pretrain import PretrainConfig, pretrain
-from llamavit.train.probe import Prober, ProbeConfig, load_backbone
+from llamavit.train.probe import ProbeConfig, Prober, load_backbone
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2, patch_size=7, probe_layers=1)
 

@@ -1,13 +1,22 @@
 """Datasets and transforms: Fashion-MNIST from the Debian files, ImageFolder, synthetic, channel mapping."""
 import os
+import random
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from llamavit.data import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, DatasetError, FashionMNIST, SyntheticImages,
-                           TransformConfig, build_dataset, build_transform)
+from llamavit.data import (
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    DatasetError,
+    FashionMNIST,
+    SyntheticImages,
+    TransformConfig,
+    build_dataset,
+    build_transform,
+)
 from llamavit.data.datasets import FASHION_MNIST_DIR
 
 needs_fmnist = pytest.mark.skipif(not os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")),
@@ -72,9 +81,11 @@ def test_training_transform_is_random_but_seedable():
     cfg = TransformConfig(img_size=24, in_chans=3, scale=(0.3, 1.0), crop_pct=1.0)
     tf = build_transform(cfg, is_training=True)
     img = Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype(np.uint8))
-    torch.manual_seed(0); import random; random.seed(0)
+    torch.manual_seed(0)
+    random.seed(0)
     a = tf(img)
-    torch.manual_seed(0); random.seed(0)
+    torch.manual_seed(0)
+    random.seed(0)
     b = tf(img)
     c = tf(img)
     assert torch.equal(a, b) and not torch.equal(b, c)

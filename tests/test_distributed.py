@@ -16,13 +16,14 @@ COMMON = ["--data", "synthetic", "--train-subset", "64", "--val-subset", "32", "
           "--hflip", "0", "--seed", "3"]
 
 
-def run(output, nproc, *extra):
-    """`llamavit train` in one process, or under torchrun with nproc gloo processes on this CPU."""
+def run(output, nproc, *extra, command=("train", *MODEL_ARGS, *COMMON)):
+    """A `llamavit` command (default: `train` of a tiny model) in one process, or under torchrun with nproc
+    gloo processes on this CPU; -> ({step: loss}, evaluation records) from its log."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     launcher = [sys.executable, "-m", "llamavit.cli"] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
         "-m", "llamavit.cli"]
-    proc = subprocess.run([*launcher, "train", *MODEL_ARGS, *COMMON, "--output", str(output), *extra],
+    proc = subprocess.run([*launcher, *command, "--output", str(output), *extra],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     with open(os.path.join(output, "log.jsonl")) as f:
@@ -86,3 +87,29 @@ def test_bad_distributed_settings_are_explained(tmp_path):
         Trainer(TrainConfig.from_dict({**base, "fsdp": True, "ema_decay": 0.99}))
     with pytest.raises(ValueError, match="device must be 'auto', 'cpu' or 'cuda'"):
         Trainer(TrainConfig.from_dict({**base, "device": "tpu"}))
+
+
+# the issue's command: AIM pre-training of a tiny AIM; a fixed prefix length makes every sample weigh the
+# same in the loss, so micro-batch means average to the global-batch mean and the curves must agree
+AIM = ("pretrain", "aim", "--model", "aim_600m_patch14_224", "--model-kwargs", "patch_size=4", "embed_dim=64",
+       "depth=2", "num_heads=2", "probe_layers=2", "--img-size", "28", "--in-chans", "1", "--decoder-dim", "64",
+       "--decoder-depth", "1", "--data", "synthetic", "--batch-size", "16", "--device", "cpu", "--log-every", "1",
+       "--no-progress", "--prefix-min", "20", "--prefix-max", "20")
+
+
+def test_aim_pretraining_with_fsdp_on_two_processes_resumes_in_one(tmp_path):
+    """`pretrain aim --fsdp --grad-accum-steps 2` on 2 gloo processes for 6 steps (checkpoint every 3), then the
+    same without torchrun / --fsdp to step 8 with --resume: the curve is the one-process curve throughout."""
+    one, _ = run(tmp_path / "one", 1, "--grad-accum-steps", "2", "--max-steps", "8", command=AIM)
+    sharded, _ = run(tmp_path / "run", 2, "--fsdp", "--grad-accum-steps", "2", "--max-steps", "6", "--ckpt-every", "3",
+                     command=AIM)
+    assert sorted(sharded) == list(range(1, 7))
+    assert os.path.isdir(tmp_path / "run" / "checkpoints" / "step-00000006")
+    resumed, _ = run(tmp_path / "run", 1, "--grad-accum-steps", "2", "--max-steps", "8", "--ckpt-every", "3",
+                     "--resume", command=AIM)
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(1, 9):
+        got = sharded[step] if step <= 6 else resumed[step]
+        assert got == pytest.approx(one[step], rel=1e-4, abs=1e-5), f"step {step}: {got} vs {one[step]}"
+    with open(tmp_path / "run" / "summary.json") as f:
+        assert json.load(f)["resumed"] is True

@@ -276,8 +276,8 @@ def test_generate_train_on_a_latents_file(tmp_path, capsys):
 
 
 def test_nan_loss_stops_generative_training(tmp_path):
-    from llamavit.train.generate import GenerateConfig, GenerativeTrainer
     from llamavit.train import NonFiniteLossError
+    from llamavit.train.generate import GenerateConfig, GenerativeTrainer
     cfg = GenerateConfig(model="dit_llama_s_2", model_kwargs={k: v for k, v in TINY.items()
                                                               if k not in ("img_size", "in_chans", "num_classes")},
                          data="synthetic", img_size=16, epochs=1, batch_size=8, output=str(tmp_path / "run"),

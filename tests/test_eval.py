@@ -37,6 +37,7 @@ def test_accuracy_by_resolution_on_a_real_model_matches_direct_evaluation():
     sweep = accuracy_by_resolution(model, "synthetic", [16, 32], tf)
     assert all("top1" in r for r in sweep)
     from torch.utils.data import DataLoader
+
     from llamavit.data import build_dataset, build_transform
     from llamavit.eval import evaluate
     ds = build_dataset("synthetic", "val", build_transform(TransformConfig(img_size=32, in_chans=3, crop_pct=1.0),

@@ -10,7 +10,6 @@ from timm.layers import resample_abs_pos_embed
 import llamavit
 from llamavit import CheckpointError
 from llamavit.layers import block as block_module
-from llamavit.models import illama as illama_module
 
 TOL = 1e-4
 STANDARD_KWARGS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "num_classes", "img_size", "patch_size",

@@ -6,10 +6,10 @@ import time
 
 import pytest
 import torch
+from llm_files import KEYS, TinyLLM, gguf_roundtrip, write_gguf, write_hf, write_meta
 
 from llamavit import llm
 from llamavit.llm import LLMError, open_llm, read_llm_layers
-from llm_files import KEYS, TinyLLM, gguf_roundtrip, write_gguf, write_hf, write_meta
 
 TINY = TinyLLM()
 REFERENCE = TINY.layers()
@@ -34,7 +34,8 @@ def test_meta_reads_layers_and_config(tmp_path, shards):
     reader = open_llm(str(path))
     assert reader.format == "meta" and len(reader.shards) == shards
     c = reader.config
-    assert (c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.ffn_hidden, c.head_dim, c.norm_eps) == (32, 3, 4, 2, 96, 8, 1e-5)
+    shape = (c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.ffn_hidden, c.head_dim, c.norm_eps)
+    assert shape == (32, 3, 4, 2, 96, 8, 1e-5)
     for idx, got in zip([0, 2], reader.read_layers([0, 2])):
         assert_layers_equal(got, as_dtype(REFERENCE[idx], torch.float16))
 

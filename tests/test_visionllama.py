@@ -6,11 +6,10 @@ import math
 import pytest
 import timm
 import torch
+from conftest import FIXTURES_DIR, fixture_files
 
 import llamavit
 from llamavit.layers import Rope2D, apply_rope, grid_positions, rope_2d_angles
-
-from conftest import FIXTURES_DIR, fixture_files
 
 TOL = 1e-4
 PLAIN = "visionllama_small_patch16_224"

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from llm_files import TinyLLM, write_gguf, write_meta
 from timm.optim import create_optimizer_v2
 
 import llamavit
@@ -16,7 +17,6 @@ from llamavit.info import model_info
 from llamavit.layers.llama_block import llama_decoder_block
 from llamavit.llm import LLMError, find_smollm2_gguf
 from llamavit.train.checkpoint import model_from_checkpoint, read_meta, save_checkpoint
-from llm_files import TinyLLM, write_gguf, write_meta
 
 FIXTURES = (Path(__file__).resolve().parent.parent / ".." / "shared" / "fixtures").resolve()
 FIXTURE_PATHS = sorted(FIXTURES.glob("vit_llm_*.pt")) if FIXTURES.is_dir() else []
@@ -304,6 +304,7 @@ def test_activation_measures_on_known_maps():
 
 def test_analyze_activations_report(tmp_path):
     import json
+
     from llamavit.eval.activations import analyze_activations, save_activation_report
     model = llamavit.create_model(NAME, llm_path="random", llm_dim=32, llm_num_heads=4, llm_ffn_hidden=64, **SMALL)
     x = torch.randn(2, 3, 32, 32)

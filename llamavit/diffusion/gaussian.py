@@ -139,7 +139,8 @@ class GaussianDiffusion:
                 raise ValueError(f"learned sigma needs {2 * c} output channels, got {output.shape[1]}")
             eps, v = output[:, :c], output[:, c:]
             frac = (v + 1) / 2
-            log_var = frac * self._at("log_betas", t, xt) + (1 - frac) * self._at("posterior_log_variance_clipped", t, xt)
+            clipped = self._at("posterior_log_variance_clipped", t, xt)
+            log_var = frac * self._at("log_betas", t, xt) + (1 - frac) * clipped
         else:
             eps = output[:, :c]
             log_var = self._at("fixed_large_log_variance", t, xt).expand_as(xt)

@@ -15,7 +15,7 @@ Heat maps (PNG, one per image) show both maps for every block over the input ima
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -80,11 +80,12 @@ def frequency_map(grid: torch.Tensor, high_pass: float = 0.25) -> Tuple[torch.Te
     return high.norm(dim=-1), share
 
 
-def analyze_activations(model: nn.Module, x: torch.Tensor, cfg: ActivationConfig = ActivationConfig()) -> dict:
+def analyze_activations(model: nn.Module, x: torch.Tensor, cfg: Optional[ActivationConfig] = None) -> dict:
     """Magnitude and frequency maps of every block for images x (B, C, H, W).
 
     Returns {'blocks': [name...], 'maps': {name: {'magnitude': (B, gh, gw), 'frequency': (B, gh, gw),
     'high_freq_energy': (B,)}}}."""
+    cfg = cfg or ActivationConfig()
     model.eval()
     outputs = collect_block_outputs(model, x)
     maps = {}
@@ -103,9 +104,10 @@ def _display(img: torch.Tensor):
 
 
 def save_activation_report(result: dict, images: torch.Tensor, out_dir: str, labels=None,
-                           cfg: ActivationConfig = ActivationConfig()) -> List[str]:
+                           cfg: Optional[ActivationConfig] = None) -> List[str]:
     """One PNG per image (rows: magnitude, frequency; columns: image, then every block) and
     activations.json (per-block means, high-frequency energy, and the per-token maps). Returns paths."""
+    cfg = cfg or ActivationConfig()
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

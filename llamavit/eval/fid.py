@@ -17,7 +17,6 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from torchvision import transforms as T
 
 from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, build_dataset
@@ -65,7 +64,8 @@ def classifier_inputs(x01: torch.Tensor, img_size: int, in_chans: int, mean: Opt
 
 
 @torch.no_grad()
-def classifier_outputs(classifier: nn.Module, x: torch.Tensor, batch_size: int = 500) -> Tuple[torch.Tensor, torch.Tensor]:
+def classifier_outputs(classifier: nn.Module, x: torch.Tensor,
+                       batch_size: int = 500) -> Tuple[torch.Tensor, torch.Tensor]:
     """Normalised inputs (N, C, H, W) -> (pre-logit features (N, D), logits (N, classes))."""
     was_training = classifier.training
     classifier.eval()

@@ -1,6 +1,15 @@
 """Building blocks shared by every llamavit model; no model knowledge here."""
-from .attention import (MASK_MODES, Attention, attend, attention_weights, naive_soft_mask_attention,
-                        prefix_causal_mask, rotate_qk, soft_mask_attention, soft_mask_bias)
+from .attention import (
+                        MASK_MODES,
+                        Attention,
+                        attend,
+                        attention_weights,
+                        naive_soft_mask_attention,
+                        prefix_causal_mask,
+                        rotate_qk,
+                        soft_mask_attention,
+                        soft_mask_bias,
+)
 from .block import Block, iter_blocks, run_blocks
 from .grouped_attention import SubsampledAttention, WindowAttention
 from .heads import AttentivePoolingHead, LinearProbeHead

@@ -46,7 +46,8 @@ def soft_mask_bias(num_tokens: int, rate: float, device=None, dtype=torch.float3
     log_rate = math.log(rate) if rate > 0 else float("-inf")
     log_rest = math.log1p(-rate) if rate < 1 else float("-inf")
     first = torch.zeros(num_tokens, num_tokens, device=device, dtype=dtype).masked_fill(upper, log_rate)
-    second = torch.full((num_tokens, num_tokens), log_rest, device=device, dtype=dtype).masked_fill(~upper, float("-inf"))
+    second = torch.full((num_tokens, num_tokens), log_rest, device=device, dtype=dtype)
+    second = second.masked_fill(~upper, float("-inf"))
     return torch.cat((first, second), dim=1)
 
 
@@ -162,7 +163,8 @@ def rotate_qk(q: torch.Tensor, k: torch.Tensor, rope: RopeTables = None, key_rop
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_mode: str = "bidirectional",
-           soft_mask_rate: float = 0.0, attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0) -> torch.Tensor:
+           soft_mask_rate: float = 0.0, attn_mask: Optional[torch.Tensor] = None,
+           dropout_p: float = 0.0) -> torch.Tensor:
     """Attention of rotated q (B, H, N, d) over k, v (B, Hkv, M, d) -> (B, H, N, d).
 
     An explicit `attn_mask` (boolean, True = may attend, or additive; (N, M) or (B, 1, N, M)) overrides the
@@ -243,7 +245,8 @@ class Attention(nn.Module):
         q, k = rotate_qk(q, k, rope, layout=self.rope_layout)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, rope: RopeTables = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeTables = None,
+                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = self.qkv_heads(x, rope)
         out = attend(q, k, v, self.mask_mode, self.soft_mask_rate, attn_mask,

@@ -51,13 +51,17 @@ def iter_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, checkpointing: boo
     (activation checkpointing; the caller passes it only in training). attn_args go to every block.
     """
     for blk in blocks:
-        x = checkpoint(blk, x, use_reentrant=False, **attn_args) if checkpointing else blk(x, **attn_args)
+        x = run_block(blk, x, checkpointing, **attn_args)
         yield x
 
 
 def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, checkpointing: bool = False,
                **attn_args) -> torch.Tensor:
     """The last output of `iter_blocks` (x itself for no blocks). (B, N, D) -> (B, N, D)."""
-    for x in iter_blocks(blocks, x, checkpointing, **attn_args):
-        pass
+    for blk in blocks:
+        x = run_block(blk, x, checkpointing, **attn_args)
     return x
+
+
+def run_block(blk: nn.Module, x: torch.Tensor, checkpointing: bool, **attn_args) -> torch.Tensor:
+    return checkpoint(blk, x, use_reentrant=False, **attn_args) if checkpointing else blk(x, **attn_args)

@@ -58,7 +58,8 @@ def open_llm(path: str) -> LLMReader:
     return {"meta": MetaReader, "hf": HFReader, "gguf": GGUFReader}[detect_format(path)](path)
 
 
-def read_llm_layers(path: str, layers: Optional[Sequence[int]] = None) -> Tuple[LLMConfig, List[Dict[str, torch.Tensor]]]:
+def read_llm_layers(path: str,
+                    layers: Optional[Sequence[int]] = None) -> Tuple[LLMConfig, List[Dict[str, torch.Tensor]]]:
     """(config, [weights of each requested layer]) in Meta layout; layers None = the last one."""
     reader = open_llm(path)
     return reader.config, reader.read_layers(layers)

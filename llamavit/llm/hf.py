@@ -94,7 +94,8 @@ class HFReader(LLMReader):
                 for ours in keys:
                     out[ours] = f.get_tensor(names[ours]).to(torch.float32)
         shapes = self.config.layer_shapes()
-        for key, heads in (("attention.wq.weight", self.config.n_heads), ("attention.wk.weight", self.config.n_kv_heads)):
+        for key, heads in (("attention.wq.weight", self.config.n_heads),
+                           ("attention.wk.weight", self.config.n_kv_heads)):
             if tuple(out[key].shape) == shapes[key]:   # a wrong shape is reported by read_layers
                 out[key] = hf_to_meta_rows(out[key], heads)
         return out

@@ -120,6 +120,13 @@ class AIM(TokenTrunk, ClassifierContract, nn.Module):
         self.head = AttentivePoolingHead(cfg.embed_dim, cfg.num_classes, cfg.num_heads, bn_eps=cfg.norm_eps)
         self.feature_info = self.feature_info_of(self.trunk.blocks, cfg.patch_size)
         self._init_weights()
+        # the classifier never reads the post-trunk norm (the official design): frozen here, trained by
+        # pre-training through forward_trunk (set_post_trunk_norm_trainable)
+        self.set_post_trunk_norm_trainable(False)
+
+    def set_post_trunk_norm_trainable(self, enable: bool = True) -> None:
+        """Whether the post-trunk norm (read by forward_trunk, the pre-training path only) is trained."""
+        self.trunk.post_trunk_norm.requires_grad_(enable)
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -182,7 +189,8 @@ class AIM(TokenTrunk, ClassifierContract, nn.Module):
         return x.shape[-2] // ph, x.shape[-1] // pw
 
     def forward_trunk(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(B, C, H, W) -> post_trunk_norm(last block) (B, N, D): what the pre-training decoder reads."""
+        """(B, C, H, W) -> post_trunk_norm(last block) (B, N, D): what the pre-training decoder reads (call
+        set_post_trunk_norm_trainable() to train the norm)."""
         last = len(self.trunk.blocks) - 1
         return self.trunk.post_trunk_norm(self.run_trunk(x, attn_mask, {last}, last)[0][last])
 

@@ -145,7 +145,8 @@ class TokenTrunk:
         return x.shape[-2] // ph, x.shape[-1] // pw
 
     def feature_info_of(self, blocks: Sequence, reduction: int) -> List[dict]:
-        return [{"num_chs": self.embed_dim, "reduction": reduction, "module": f"blocks.{i}"} for i in range(len(blocks))]
+        return [{"num_chs": self.embed_dim, "reduction": reduction, "module": f"blocks.{i}"}
+                for i in range(len(blocks))]
 
 
 def init_linear(m: nn.Module) -> None:

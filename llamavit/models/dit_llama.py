@@ -148,7 +148,8 @@ class FinalLayer(nn.Module):
 def dit_checkpoint_keys(key: str) -> str:
     """One official DiT / DiT-LLaMA key -> ours (SwiGLU names as timm's)."""
     key = key.removeprefix("module.")
-    return key.replace("mlp.c_fc1.", "mlp.fc1_g.").replace("mlp.c_fc2.", "mlp.fc1_x.").replace("mlp.c_proj.", "mlp.fc2.")
+    return (key.replace("mlp.c_fc1.", "mlp.fc1_g.").replace("mlp.c_fc2.", "mlp.fc1_x.")
+            .replace("mlp.c_proj.", "mlp.fc2."))
 
 
 class DiT(nn.Module):
@@ -174,7 +175,8 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(cfg.embed_dim, cfg.frequency_embedding_size)
         self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.embed_dim, cfg.class_dropout_prob)
         self.rope = Rope2D(cfg.embed_dim // cfg.num_heads, cfg.rope_theta) if cfg.block == "llama" else None
-        self.blocks = nn.ModuleList([AdaLNBlock(cfg.embed_dim, cfg.num_heads, self._mlp(cfg)) for _ in range(cfg.depth)])
+        self.blocks = nn.ModuleList([AdaLNBlock(cfg.embed_dim, cfg.num_heads, self._mlp(cfg))
+                                     for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(cfg.embed_dim, cfg.patch_size, self.out_chans)
         self._pos_cache: dict = {}
         self.initialize_weights()
@@ -182,7 +184,8 @@ class DiT(nn.Module):
     @staticmethod
     def _mlp(cfg: DiTConfig) -> nn.Module:
         if cfg.block == "llama":
-            return SwiGLU(cfg.embed_dim, swiglu_hidden_dim(cfg.embed_dim, cfg.mlp_ratio, cfg.mlp_multiple_of), bias=False)
+            hidden = swiglu_hidden_dim(cfg.embed_dim, cfg.mlp_ratio, cfg.mlp_multiple_of)
+            return SwiGLU(cfg.embed_dim, hidden, bias=False)
         return Mlp(cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
 
     def initialize_weights(self) -> None:

@@ -132,8 +132,8 @@ _VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12)
 for _size, _patch in (("tiny", 16), ("small", 16), ("base", 16), ("tiny", 32), ("base", 32)):
     _dim, _depth, _heads = _VIT_SIZES[_size]
     _register(f"vit_llama_{_size}_patch{_patch}_224", "vit_llm", 224,
-              f"DeiT ViT-{_size[0].upper()} (D={_dim}), patch {_patch}, + frozen LLaMA-1 7B block (layer 31 by default; "
-              f"llm_path=<Meta dir | HF dir | .gguf>).", patch_size=_patch, embed_dim=_dim, depth=_depth,
+              f"DeiT ViT-{_size[0].upper()} (D={_dim}), patch {_patch}, + frozen LLaMA-1 7B block (layer 31 by "
+              f"default; llm_path=<Meta dir | HF dir | .gguf>).", patch_size=_patch, embed_dim=_dim, depth=_depth,
               num_heads=_heads)
 for _size in ("tiny", "small"):
     _dim, _depth, _heads = _VIT_SIZES[_size]

@@ -7,6 +7,7 @@ positions, see `gsa_key_positions`). No class token; head = Linear(norm(mean(nor
 LayerNorm twice as in the official code. Matches Meituan-AutoML/VisionLLaMA deit/my_models.py
 (PyramidVisionLLaMA + GroupBlock) numerically, at any input size whose stages stay non-empty.
 """
+import collections
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -17,7 +18,7 @@ from timm.models._features import feature_take_indices
 from ..layers import Rope2D, SubsampledAttention, WindowAttention, run_blocks, swiglu_hidden_dim
 from ..layers.patch_embed import check_images
 from .common import ClassifierContract, init_linear
-from .visionllama import build_block, convert_official   # the same block and official -> ours key mapping
+from .visionllama import build_block, convert_official  # the same block and official -> ours key mapping
 
 
 @dataclass
@@ -185,9 +186,8 @@ class VisionLLaMAPyramid(ClassifierContract, nn.Module):
             raise ValueError("the pyramid's window and sub-sampled attention take no attention mask (AIM "
                              "pre-training needs a plain trunk: iLLaMA, VisionLLaMA, AIM or a ViT + frozen LLM)")
         self.check_input(x)
-        for _, x, _ in self._stages(x, len(self.blocks)):
-            pass
-        return self.norm(x)
+        (_, tokens, _), = collections.deque(self._stages(x, len(self.blocks)), maxlen=1)
+        return self.norm(tokens)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens (B, N, C) -> logits, or the pooled (B, C) = norm(mean(tokens)) with pre_logits."""
@@ -212,13 +212,13 @@ class VisionLLaMAPyramid(ClassifierContract, nn.Module):
         take, max_index = feature_take_indices(len(self.blocks), indices)
         last = len(self.blocks) - 1
         stages = max_index + 1 if stop_early else len(self.blocks)
-        intermediates = []
-        for i, x, grid in self._stages(x, stages):
+        intermediates, tokens = [], x
+        for i, tokens, grid in self._stages(x, stages):
             if i in take:
-                intermediates.append(_to_map(self.norm(x) if norm and i == last else x, grid))
+                intermediates.append(_to_map(self.norm(tokens) if norm and i == last else tokens, grid))
         if intermediates_only:
             return intermediates
-        return self.norm(x), intermediates
+        return self.norm(tokens), intermediates
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:

@@ -159,8 +159,8 @@ def adapt_llm_state(module: FrozenLLM, sd: dict, prefix: str = "llama.") -> dict
                 continue
             if mine.shape != theirs.shape or not torch.allclose(theirs.float(), mine, rtol=2e-3, atol=1e-6):
                 raise CheckpointError(f"the checkpoint stores a frozen LLM block whose {given_name.get(k, k)} differs "
-                                      f"from layer {mine_ids} of {module.path}: build the model with llm_path=None to use "
-                                      f"the checkpoint's own block, or pass the LLM it was trained with")
+                                      f"from layer {mine_ids} of {module.path}: build the model with llm_path=None to "
+                                      f"use the checkpoint's own block, or pass the LLM it was trained with")
     elif layer_keys:
         module.source = "checkpoint"
     elif module.source in ("untrained", "checkpoint"):
@@ -244,7 +244,8 @@ class ViTLLM(TokenTrunk, VisionTransformer):
                "dim": self.llm_config.dim, "n_heads": self.llm_config.n_heads,
                "n_kv_heads": self.llm_config.n_kv_heads, "ffn_hidden": self.llm_config.ffn_hidden}
         if self.llama.source == "file":
-            out.update(path=self.llama.path, sha256=None if self.llama.llm_sha256.is_meta else _hex(self.llama.llm_sha256))
+            sha = None if self.llama.llm_sha256.is_meta else _hex(self.llama.llm_sha256)
+            out.update(path=self.llama.path, sha256=sha)
         return out
 
     def forward_llm(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -104,6 +104,8 @@ class AutoregressiveObjective(nn.Module):
         grid = img_size // self.patch_size
         num_patches = grid * grid
         self.lead = int(getattr(model, "num_prefix_tokens", 0))
+        if hasattr(model, "set_post_trunk_norm_trainable"):   # AIM: its decoder input norm trains here
+            model.set_post_trunk_norm_trainable(True)
         images = torch.zeros(1, in_chans, img_size, img_size, device=_device(model))
         with torch.no_grad():
             probe = self._trunk(images, None)
@@ -144,7 +146,8 @@ def _patch_size(model: nn.Module) -> int:
         if isinstance(module, nn.Conv2d):   # the first conv is the patch embedding in every llamavit model
             ph, pw = module.kernel_size
             if ph != pw or module.stride != module.kernel_size:
-                raise ValueError(f"AIM pre-training needs square non-overlapping patches, got kernel {module.kernel_size}")
+                raise ValueError(f"AIM pre-training needs square non-overlapping patches, got kernel "
+                                 f"{module.kernel_size}")
             return ph
     raise ValueError(f"{type(model).__name__} has no patch-embedding convolution")
 

@@ -37,7 +37,10 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, device=None)
 
 
 class MAEObjective(nn.Module):
-    """VisionLLaMA trunk + light decoder. forward(images (B, C, H, W)) -> (loss, predictions (B, N, p*p*C), mask (B, N))."""
+    """VisionLLaMA trunk + light decoder.
+
+    forward(images (B, C, H, W)) -> (loss, predictions (B, N, p*p*C), mask (B, N) with 1 = hidden).
+    """
 
     def __init__(self, trunk: nn.Module, decoder: MAEDecoderConfig, in_chans: int):
         super().__init__()

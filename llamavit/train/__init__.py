@@ -5,7 +5,7 @@ from .config import LoopConfig, Options, TrainConfig
 from .finetune import finetune, finetune_config
 from .generate import GenerateConfig, GenerativeTrainer, train_generative
 from .pretrain import MAE_DEFAULTS, PretrainConfig, Pretrainer, pretrain
-from .probe import Prober, ProbeConfig, probe
+from .probe import ProbeConfig, Prober, probe
 from .schedules import soft_mask_rate
 from .step_loop import StepLoop
 from .supervised import Trainer, train

@@ -18,8 +18,8 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..models import create_model
 from ..errors import CheckpointError
+from ..models import create_model
 from ..models.convert import WEIGHTS_NAME, load_checkpoint
 
 STATE_NAME = "state.pt"

@@ -7,6 +7,7 @@ each global batch, so N processes with per-rank batch B/N follow the same loss c
 with batch B.
 """
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -54,9 +55,15 @@ def init_distributed(device: str = "auto") -> DistEnv:
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(finished: bool = False) -> None:
+    """Leave the process group. finished: every rank completed its work, so wait for all of them first (a rank
+    that leaves while another is still in a collective makes gloo abort that one); after an error, leave at once."""
     if dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if finished:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def all_reduce_sum(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
@@ -84,6 +91,8 @@ def wrap_model(model: nn.Module, env: DistEnv, fsdp: bool = False, find_unused_p
         return model
     if fsdp:
         from torch.distributed.fsdp import fully_shard
+        # our modules return Linear outputs (views of a 2D matmul) and never change them in place
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         for block in _transformer_blocks(model):
             fully_shard(block)
         return fully_shard(model)
@@ -114,8 +123,7 @@ def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, mo
                           optim_sd: dict) -> None:
     """Load full state dicts (from `full_state_dicts`) into a possibly sharded model and its optimizer;
     model_sd None leaves the model as it is (loaded elsewhere)."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     opts = StateDictOptions(full_state_dict=True)
     if model_sd is not None:
         set_model_state_dict(model, model_sd, options=opts)

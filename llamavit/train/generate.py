@@ -3,7 +3,8 @@
 Objectives: 'ddpm' — DiT's recipe (t uniform over 1000 steps, eps MSE + learned-sigma VB) — or
 'flow' — SiT's linear interpolant with velocity regression (t ~ U[0, 1]). DiT's optimiser: AdamW,
 constant lr 1e-4, no weight decay; EMA of the weights (DiT: 0.9999; `ema_warmup` uses
-min(decay, (1 + s) / (10 + s)) so short runs get a useful average: `DiTEma`, a timm ModelEmaV3). Label dropout (the model's
+min(decay, (1 + s) / (10 + s)) so short runs get a useful average: `DiTEma`, a timm ModelEmaV3). Label dropout
+(the model's
 class_dropout_prob, 0.1) trains the null class for classifier-free guidance.
 
 Data: 'fashion_mnist' (28x28 zero-padded to 32x32, 1 channel, scaled to [-1, 1]), 'synthetic' (tests),
@@ -161,7 +162,8 @@ class GenerativeTrainer(StepLoop):
     def prepare_batch(self, x: torch.Tensor, y: torch.Tensor):
         """(x, y) on the device with the step's noise and timesteps (drawn from the step's generator)."""
         x, y = x.to(self.env.device), y.to(self.env.device)
-        g = torch.Generator(device=x.device).manual_seed(mix_seed(self.cfg.seed, self.step, self.step_salt + self.env.rank))
+        seed = mix_seed(self.cfg.seed, self.step, self.step_salt + self.env.rank)
+        g = torch.Generator(device=x.device).manual_seed(seed)
         noise = torch.randn(x.shape, generator=g, device=x.device)
         if self.cfg.objective == "ddpm":
             t = torch.randint(0, self.objective.num_timesteps, (x.shape[0],), generator=g, device=x.device)

@@ -25,8 +25,15 @@ from torchvision.utils import save_image
 from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, build_dataset
 from ..data.transforms import FirstChannel, ToRGB, rgb_normalization
 from ..models import create_model, load_checkpoint
-from ..objectives import (AutoregressiveObjective, DecoderConfig, MAEDecoderConfig, MAEObjective, patchify,
-                          sample_prefix_lengths, unpatchify)
+from ..objectives import (
+    AutoregressiveObjective,
+    DecoderConfig,
+    MAEDecoderConfig,
+    MAEObjective,
+    patchify,
+    sample_prefix_lengths,
+    unpatchify,
+)
 from .config import LoopConfig
 from .step_loop import StepLoop, mix_seed
 
@@ -183,11 +190,10 @@ class Pretrainer(StepLoop):
 
     @torch.no_grad()
     def save_reconstructions(self, num_images: int = 8) -> str:
-        """reconstructions.png (rank 0). AIM: rows of originals and next-patch predictions with half the
-        patches as prefix. MAE: originals, masked inputs, reconstructions. Predictions are un-normalised with
-        each true patch's mean and std (as MAE's figures); given patches are shown as they are."""
-        if not self.is_main:
-            return ""
+        """reconstructions.png. AIM: rows of originals and next-patch predictions with half the patches as
+        prefix. MAE: originals, masked inputs, reconstructions. Predictions are un-normalised with each true
+        patch's mean and std (as MAE's figures); given patches are shown as they are. Every rank runs the
+        forward (collective under FSDP); rank 0 writes the file."""
         images = self._plain_images(num_images)
         p = self.objective.patch_size
         grid = (images.shape[-2] // p, images.shape[-1] // p)
@@ -209,6 +215,8 @@ class Pretrainer(StepLoop):
             rows = [images.float(), unpatchify(torch.where(hidden, torch.zeros_like(patches), patches), p, grid, c),
                     unpatchify(torch.where(hidden, preds.float() * std + mean, patches), p, grid, c)]
         self.objective.train(was_training)
+        if not self.is_main:
+            return ""
         out = torch.cat(rows)
         lo, hi = out.amin(dim=(1, 2, 3), keepdim=True), out.amax(dim=(1, 2, 3), keepdim=True)
         path = os.path.join(self.cfg.output, "reconstructions.png")

@@ -100,7 +100,8 @@ def load_backbone(model: nn.Module, path: str) -> nn.Module:
     missing = set(own) - set(fits)
     classifier = {k for k in own if _is_classifier(model, k)}
     if missing - classifier:
-        raise CheckpointError(f"{path} lacks trunk weights of {type(model).__name__}: {keys_report(missing - classifier)}")
+        raise CheckpointError(f"{path} lacks trunk weights of {type(model).__name__}: "
+                              f"{keys_report(missing - classifier)}")
     model.load_state_dict(fits, strict=False)
     return model
 
@@ -202,13 +203,14 @@ class Prober(StepLoop):
                 history.append({"epoch": r["epoch"], "train_loss": sum(since) / max(1, len(since)),
                                 "val_top1": r["val_top1"], "val_loss": r["val_loss"]})
                 since = []
+        final = history[-1] if history and history[-1]["epoch"] == self.step / self.steps_per_epoch else None
+        final = final or self.evaluate()   # a run stopped within an epoch: evaluated here, not logged
         return {"head": self.cfg.head, "model": self.model_kwargs["model"], "checkpoint": self.cfg.checkpoint,
-                "val_top1": history[-1]["val_top1"] if history else None,
-                "best_val_top1": max((h["val_top1"] for h in history), default=None), "history": history}
+                "val_top1": final["val_top1"],
+                "best_val_top1": max([h["val_top1"] for h in history] + [final["val_top1"]]),
+                "history": history}
 
     def after_fit(self) -> None:
-        if not any(r.get("step") == self.step and "val_top1" in r for r in self.history):
-            self.log({"step": self.step, "epoch": self.step / self.steps_per_epoch, **self.evaluate()})
         if self.is_main:
             head = {k: v.detach().contiguous().cpu() for k, v in self.module.state_dict().items()}
             save_file(head, os.path.join(self.cfg.output, "head.safetensors"),

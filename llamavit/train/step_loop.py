@@ -47,8 +47,15 @@ from ..errors import CheckpointError, NonFiniteLossError
 from ..models import load_checkpoint, read_state_dict
 from .checkpoint import EMA_NAME, WEIGHTS_NAME, latest_checkpoint, load_training_state, save_checkpoint
 from .config import LoopConfig
-from .distributed import (DistEnv, all_reduce_sum, barrier, full_state_dicts, init_distributed, load_full_state_dicts,
-                          wrap_model)
+from .distributed import (
+    DistEnv,
+    all_reduce_sum,
+    barrier,
+    full_state_dicts,
+    init_distributed,
+    load_full_state_dicts,
+    wrap_model,
+)
 
 # what a run writes at the top of its output directory (a trainer may add plots beside them)
 RUN_FILES = ("checkpoints", "log.jsonl", "config.json", "summary.json", "curves.png")
@@ -297,8 +304,9 @@ class StepLoop:
 
     def check_finite(self, what: str, value: float) -> None:
         if not math.isfinite(value):
+            where = os.path.join(self.cfg.output, "checkpoints")
             raise NonFiniteLossError(f"{what} is {value} at step {self.step}; training stopped, nothing was saved "
-                                     f"after the last good checkpoint in {os.path.join(self.cfg.output, 'checkpoints')}")
+                                     f"after the last good checkpoint in {where}")
 
     def _check_weights_finite(self) -> None:
         """Before a checkpoint: a finite loss can still come with an update that made the weights non-finite."""

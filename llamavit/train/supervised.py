@@ -4,7 +4,7 @@ mixup/cutmix soft targets), the iLLaMA soft-mask schedule and per-epoch validati
 """
 import os
 from dataclasses import asdict
-from typing import Any, Dict, Iterable
+from typing import Any, Dict
 
 import torch
 import torch.nn as nn
