@@ -12,6 +12,7 @@ from timm.models._manipulate import group_parameters
 from timm.optim import create_optimizer_v2
 
 import llamavit
+from llamavit.layers import block as block_module
 from llamavit.llm import LLMError
 
 # tiny sizes per family (the named config supplies everything else); img: the test input size
@@ -39,7 +40,7 @@ def tiny(name: str):
 def build(name: str, **overrides):
     kwargs, size = tiny(name)
     try:
-        model = llamavit.create_model(name, img_size=size, num_classes=NUM_CLASSES, **{**kwargs, **overrides})
+        model = llamavit.create_model(name, img_size=size, **{"num_classes": NUM_CLASSES, **kwargs, **overrides})
     except LLMError as e:   # the SmolLM2 GGUF comes with `make venv`
         pytest.skip(str(e))
     if hasattr(model, "set_soft_mask_rate"):
@@ -72,19 +73,24 @@ def test_forward_features_and_head(name):
 def test_backward_reaches_every_trainable_parameter(name):
     model, x = build(name)
     model.train()
-    model(x).square().mean().backward()
+    torch.nn.functional.cross_entropy(model(x), torch.tensor([1, 3])).backward()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert trainable
     missing = [n for n, p in trainable if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing, f"no (finite) gradient for {missing[:5]}"
+    zero = [n for n, p in trainable if not p.grad.abs().sum() > 0]
+    assert not zero, f"all-zero gradient for {zero[:5]}"
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     # frozen: the LLM block; AIM's post-trunk norm, which only pre-training reads
     assert all(n.startswith(("llama.", "trunk.post_trunk_norm.")) for n in frozen)
 
 
-def test_gradient_checkpointing_changes_nothing(name):
+def test_gradient_checkpointing_changes_nothing(name, monkeypatch):
     model, x = build(name, drop_path_rate=0.0)
     model.train()
+    calls = []
+    real = block_module.checkpoint
+    monkeypatch.setattr(block_module, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
 
     def run():
         model.zero_grad()
@@ -93,8 +99,10 @@ def test_gradient_checkpointing_changes_nothing(name):
         return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     out, grads = run()
+    assert not calls
     model.set_grad_checkpointing(True)
     out_ckpt, grads_ckpt = run()
+    assert len(calls) >= 2, "set_grad_checkpointing did not route the blocks through checkpoint"
     torch.testing.assert_close(out_ckpt, out, atol=1e-6, rtol=1e-5)
     assert grads.keys() == grads_ckpt.keys()
     for n in grads:
@@ -112,6 +120,15 @@ def test_reset_classifier_keeps_the_features(name):
         model.reset_classifier(7)
         assert model(x).shape == (2, 7) and model.num_classes == 7
     assert isinstance(model.get_classifier(), torch.nn.Linear)
+
+
+def test_no_classifier_from_the_start(name):
+    model, x = build(name, num_classes=0)
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+        torch.testing.assert_close(out, model.forward_head(model.forward_features(x), pre_logits=True))
+    assert out.shape == (2, model.head_hidden_size) and isinstance(model.get_classifier(), torch.nn.Identity)
 
 
 def test_intermediates_end_in_the_features(name):

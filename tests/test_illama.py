@@ -9,7 +9,6 @@ from timm.layers import resample_abs_pos_embed
 
 import llamavit
 from llamavit import CheckpointError
-from llamavit.layers import block as block_module
 
 TOL = 1e-4
 STANDARD_KWARGS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "num_classes", "img_size", "patch_size",
@@ -198,60 +197,8 @@ def test_timm_create_model_small(name):
     torch.testing.assert_close(model.forward_head(tokens, pre_logits=True), tokens[:, -1])
 
 
-def test_backward_reaches_every_parameter(name):
-    model = small(name).train()
-    model.set_soft_mask_rate(0.5)
-    out = model(torch.randn(2, 3, 32, 32))
-    torch.nn.functional.cross_entropy(out, torch.tensor([1, 3])).backward()
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    assert len(trainable) == 4 + 2 * 9 + 3
-    for n, p in trainable:
-        assert p.grad is not None, f"{n} got no gradient"
-        assert torch.isfinite(p.grad).all(), f"{n} has a non-finite gradient"
-        assert p.grad.abs().sum() > 0, f"{n} has an all-zero gradient"
-
-
-def test_grad_checkpointing_same_output_and_grads(name, monkeypatch):
-    model = small(name).train()
-    model.set_soft_mask_rate(0.25)
-    x = torch.randn(2, 3, 32, 32)
-
-    def run():
-        model.zero_grad()
-        out = model(x)
-        out.pow(2).sum().backward()
-        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    out_plain, grads_plain = run()
-    calls = []
-    real_checkpoint = block_module.checkpoint
-    monkeypatch.setattr(block_module, "checkpoint", lambda *a, **kw: calls.append(1) or real_checkpoint(*a, **kw))
-    model.set_grad_checkpointing(True)
-    assert model.grad_checkpointing is True
-    out_ckpt, grads_ckpt = run()
-    assert len(calls) == 2, "set_grad_checkpointing did not route the blocks through checkpoint"
-    torch.testing.assert_close(out_ckpt, out_plain, atol=1e-6, rtol=1e-6)
-    for n in grads_plain:
-        torch.testing.assert_close(grads_ckpt[n], grads_plain[n], atol=1e-6, rtol=1e-5, msg=n)
-    model.set_grad_checkpointing(False)
-    calls.clear()
-    model(x)
-    assert not calls
-
-
-def test_num_classes_zero_gives_pooled_features(name):
-    model = small(name, num_classes=0).eval()
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        out = model(x)
-        pooled = model.forward_head(model.forward_features(x), pre_logits=True)
-    assert out.shape == (2, 48)
-    torch.testing.assert_close(out, pooled)
-    assert isinstance(model.get_classifier(), torch.nn.Identity)
-
-
-def test_reset_classifier(name):
-    model = small(name).eval()
+def test_reset_classifier_switches_the_pooling():
+    model = small().eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         before = model(x)
@@ -273,13 +220,6 @@ def test_reset_classifier(name):
         torch.testing.assert_close(model(x), model.head(tokens.mean(1)))
     with pytest.raises(ValueError, match="global_pool must be 'token' or 'avg', got 'max'"):
         model.reset_classifier(3, global_pool="max")
-
-
-def test_no_weight_decay(name):
-    model = small(name)
-    nwd = model.no_weight_decay()
-    assert {"pos_embed", "cls_token"} <= nwd
-    assert nwd <= {n for n, _ in model.named_parameters()}
 
 
 def test_rope_buffers_not_in_state_dict(name):

@@ -228,43 +228,6 @@ def test_official_swiglu_width_and_layer_scale():
     assert isinstance(model.blocks[0].norm1, torch.nn.LayerNorm) and model.blocks[0].norm1.eps == 1e-6
 
 
-@pytest.mark.parametrize("name", llamavit.list_models("visionllama*"))
-def test_timm_contract_at_small_size(name):
-    model = timm.create_model(name, **(PYRAMID_SMALL if "pyramid" in name else PLAIN_SMALL)).eval()
-    size = 64 if "pyramid" in name else 32
-    x = torch.randn(2, 3, size, size)
-    with torch.no_grad():
-        logits = model(x)
-        tokens = model.forward_features(x)
-        pooled = model.forward_head(tokens, pre_logits=True)
-    assert logits.shape == (2, 5) and pooled.shape == (2, model.num_features)
-    assert torch.allclose(model.head(pooled), logits, atol=1e-6)
-    expected_tokens = (size // 32) ** 2 if "pyramid" in name else 1 + (size // 8) ** 2
-    assert tokens.shape == (2, expected_tokens, model.num_features)
-    model.reset_classifier(3)
-    assert model(x).shape == (2, 3)
-    model.reset_classifier(0)
-    assert model(x).shape == (2, model.num_features)
-    assert model.no_weight_decay() <= {"cls_token"}
-
-
-@pytest.mark.parametrize("name", [PLAIN, PYRAMID])
-def test_grad_checkpointing_gives_same_gradients(name):
-    model = small(name, drop_path_rate=0.0)
-    x = torch.randn(2, 3, 64, 64)
-
-    def grads():
-        model.zero_grad()
-        model(x).square().sum().backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    plain = grads()
-    model.set_grad_checkpointing(True)
-    ckpt = grads()
-    assert all(g is not None for g in plain.values())
-    assert max(max_diff(plain[n], ckpt[n]) for n in plain) < 1e-6
-
-
 def test_pyramid_feature_maps_shapes_and_strides():
     model = timm.create_model(PYRAMID, features_only=True, **PYRAMID_SMALL)
     assert model.feature_info.reduction() == [4, 8, 16, 32]
