@@ -4,7 +4,7 @@ STAMP := .venv/.llamavit-installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv fashion-mnist demo test test-slow parity bench
+.PHONY: venv fashion-mnist demo test test-slow test-timm parity bench
 
 venv: $(STAMP)
 
@@ -26,8 +26,16 @@ test: venv fashion-mnist
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
-test-slow: venv fashion-mnist
+test-slow: venv fashion-mnist test-timm
 	$(PY) -m pytest -q -m slow
+
+# timm's own tests/test_models.py (from timm's PyPI source archive, not vendored) on llamavit's classifiers
+TIMM_TESTS := .timm-tests
+test-timm: venv
+	$(PY) tests/timm_models/fetch.py $(TIMM_TESTS)
+	cp tests/timm_models/timm_conftest.py $(TIMM_TESTS)/conftest.py
+	cd $(TIMM_TESTS) && ../$(PY) -m pytest -q -p no:cacheprovider --rootdir . test_models.py -rxs \
+	  -W ignore::pytest.PytestUnknownMarkWarning -W "ignore:ViTLLM"
 
 PARITY_FAMILIES := illama visionllama visionllama_pyramid aim vit_llm
 

@@ -1,4 +1,5 @@
-"""Eval throughput of llamavit now vs an earlier commit, side by side in ONE process.
+"""llamavit now vs an earlier commit, side by side in ONE process: eval throughput, and (--training) the
+loss curves of every trainer from the same seed.
 
 The earlier commit's `llamavit/` is extracted with `git archive` into a temporary directory as the
 package `llamavit_ref` (the package imports itself relatively, so it runs under another name). For each
@@ -8,8 +9,15 @@ other load hit both. A refactor must be no slower: the ratio ours / ref should b
 
     python bench/before_after.py --ref a6438de                   # iLLaMA-T (soft mask r=0) and VisionLLaMA-S
     python bench/before_after.py --ref HEAD~3 --out bench/results/before_after.json
+    python bench/before_after.py --ref a6438de --training        # + supervised, AIM, MAE, DiT: 8 steps each
+
+--training runs each trainer of both versions for a few steps on synthetic data (tiny models, the same
+seed, one process) and compares the logged losses step by step: a refactor of the loop should leave them
+equal (up to float rounding where an operation changed form).
 """
 import argparse
+import contextlib
+import functools
 import importlib
 import json
 import os
@@ -20,6 +28,7 @@ import tempfile
 import warnings
 
 import torch
+from timm.models import _registry as timm_registry
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -27,6 +36,78 @@ from machine import cpu_flags, cpu_model  # noqa: E402
 from throughput import interleaved_times  # noqa: E402
 
 MODELS = {"illama_tiny_patch16_224": {}, "visionllama_small_patch16_224": {}}
+STEPS = 8
+TINY_ILLAMA = dict(embed_dim=32, depth=2, num_heads=2, patch_size=8)
+TINY_AIM = dict(embed_dim=32, depth=2, num_heads=2, patch_size=8, probe_layers=1)
+TINY_VL = dict(embed_dim=32, depth=2, num_heads=2, patch_size=4, mlp_multiple_of=8, class_token=False,
+               global_pool="avg")
+TINY_DIT = dict(embed_dim=32, depth=2, num_heads=2, patch_size=4)
+
+
+def trainer_cases(ref, ours, out: str):
+    """{name: (ref trainer factory, our trainer factory)}: the same run in both versions."""
+    common = dict(data="synthetic", max_steps=STEPS, log_every=1, progress=False)
+    sup = dict(model="illama_tiny_patch16_224", model_kwargs=TINY_ILLAMA, img_size=32, batch_size=16, epochs=2,
+               soft_mask="linear", soft_mask_epochs=1.0, **common)
+    aim = dict(model="aim_600m_patch14_224", model_kwargs=TINY_AIM, img_size=32, decoder_dim=32, decoder_depth=1,
+               batch_size=16, epochs=2, **common)
+    mae = dict(model="visionllama_small_patch16_224", model_kwargs=TINY_VL, img_size=16, in_chans=1, decoder_dim=32,
+               decoder_depth=1, batch_size=16, epochs=2, scale=(0.2, 1.0), color_jitter_prob=0.0, **common)
+    dit = dict(model="dit_llama_s_2", model_kwargs=TINY_DIT, img_size=16, batch_size=8, epochs=1, **common)
+    rt, ot = ref.train, ours.train
+    rpre = importlib.import_module("llamavit_ref.train.aim_pretrain")
+    rmae = importlib.import_module("llamavit_ref.train.mae")
+    rgen = importlib.import_module("llamavit_ref.train.generate")
+    d = lambda name, side: os.path.join(out, f"{name}-{side}")   # noqa: E731
+    return {
+        "supervised": (lambda: rt.Trainer(rt.TrainConfig(output=d("sup", "ref"), **sup)),
+                       lambda: ot.Trainer(ot.TrainConfig(output=d("sup", "ours"), **sup))),
+        "pretrain_aim": (lambda: rpre.AIMPretrainer(rpre.PretrainConfig(output=d("aim", "ref"), **aim)),
+                         lambda: ot.Pretrainer(ot.PretrainConfig(output=d("aim", "ours"), **aim))),
+        "pretrain_mae": (lambda: rmae.MAEPretrainer(rpre.PretrainConfig(output=d("mae", "ref"), **mae)),
+                         lambda: ot.Pretrainer(ot.PretrainConfig(output=d("mae", "ours"), objective="mae", **mae))),
+        "generate_ddpm": (lambda: rgen.GenerativeTrainer(rgen.GenerateConfig(output=d("dit", "ref"), **dit)),
+                          lambda: ot.GenerativeTrainer(ot.GenerateConfig(output=d("dit", "ours"), **dit))),
+    }
+
+
+@contextlib.contextmanager
+def ref_models(ref_registry):
+    """While inside: timm.create_model(<llamavit name>) builds the ref package's model (both packages register
+    the same names with timm; the current one, imported last, owns them otherwise)."""
+    saved = {n: timm_registry._model_entrypoints[n] for n in ref_registry.MODEL_FAMILY}
+    for name in saved:
+        timm_registry._model_entrypoints[name] = functools.partial(ref_registry._build, name)
+    try:
+        yield
+    finally:
+        timm_registry._model_entrypoints.update(saved)
+
+
+def logged_losses(run_dir: str) -> list:
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+def compare_training(ref, ours, out: str) -> dict:
+    """Per trainer: the max abs and relative difference of the logged losses over STEPS steps."""
+    rows = {}
+    for name, (make_ref, make_ours) in trainer_cases(ref, ours, out).items():
+        curves = {}
+        for side, make in (("ref", make_ref), ("ours", make_ours)):
+            torch.manual_seed(0)
+            with ref_models(ref.models.registry) if side == "ref" else contextlib.nullcontext():
+                trainer = make()
+                trainer.fit()
+            curves[side] = logged_losses(trainer.cfg.output)
+        diffs = [abs(a - b) for a, b in zip(curves["ref"], curves["ours"])]
+        rel = max(d / max(abs(a), 1e-12) for d, a in zip(diffs, curves["ref"]))
+        rows[name] = {"steps": len(diffs), "max_abs_loss_diff": max(diffs), "max_rel_loss_diff": rel,
+                      "bitwise_equal": diffs == [0.0] * len(diffs), "ref_losses": curves["ref"],
+                      "ours_losses": curves["ours"]}
+        print(f"{name}: {len(diffs)} steps, max |loss diff| {max(diffs):.2e} (relative {rel:.1e})"
+              f"{', bitwise equal' if rows[name]['bitwise_equal'] else ''}")
+    return rows
 
 
 def extract(ref: str, root: str) -> str:
@@ -61,6 +142,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--max-seconds", type=float, default=240.0, help="keep adding rounds until this many were quiet")
+    ap.add_argument("--training", action="store_true", help="also compare the trainers' loss curves")
     ap.add_argument("--out", help="write the JSON result here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -99,6 +181,10 @@ def main() -> None:
             print(f"{name}: ref {row['ref_img_per_s']:.1f} img/s, ours {row['ours_img_per_s']:.1f} img/s, "
                   f"ratio {row['ratio_ours_over_ref']:.3f} ({row['quiet_rounds']}/{row['rounds']} quiet rounds; "
                   f"same weights {same}, max |logit diff| {diff:.1e})")
+        if args.training:
+            ref = importlib.import_module("llamavit_ref")
+            importlib.import_module("llamavit_ref.train")
+            result["training"] = compare_training(ref, llamavit, os.path.join(root, "runs"))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

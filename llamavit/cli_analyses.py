@@ -96,12 +96,8 @@ def cmd_analyze(args) -> None:
     model, meta = model_from_checkpoint(args.checkpoint, use_ema=args.ema).eval(), read_meta(args.checkpoint)
     title = meta.get("model", "")
     if args.analysis == "calibration":
-        from .eval.calibration import (
-            analyze_calibration,
-            collect_logits,
-            format_calibration_table,
-            save_calibration_report,
-        )
+        from .eval.calibration import (analyze_calibration, collect_logits, format_calibration_table,
+                                       save_calibration_report)
         loader, data, n = eval_loader(args.checkpoint, args.data, args.subset, args.batch_size)
         result = {**analyze_calibration(*collect_logits(model, loader), num_bins=args.bins), "data": data}
         paths = save_calibration_report(result, args.output, title)

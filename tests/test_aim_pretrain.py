@@ -8,16 +8,8 @@ from safetensors.torch import load_file
 import llamavit
 from llamavit.cli import main as cli_main
 from llamavit.layers import prefix_causal_mask
-from llamavit.objectives import (
-    AutoregressiveObjective,
-    DecoderConfig,
-    PixelDecoder,
-    next_patch_loss,
-    normalized_targets,
-    patchify,
-    sample_prefix_lengths,
-    unpatchify,
-)
+from llamavit.objectives import (AutoregressiveObjective, DecoderConfig, PixelDecoder, next_patch_loss,
+                                 normalized_targets, patchify, sample_prefix_lengths, unpatchify)
 from llamavit.train.pretrain import PretrainConfig, Pretrainer
 
 TINY_AIM = dict(embed_dim=32, depth=2, num_heads=2, patch_size=8, probe_layers=1)

@@ -8,9 +8,11 @@ from safetensors.torch import load_file
 import llamavit
 from llamavit.cli import main as cli_main
 from llamavit.data import DatasetError, FashionMNIST
+from llamavit.models import load_backbone
+from llamavit.train import resolve_checkpoint
 from llamavit.models.convert import CheckpointError
 from llamavit.train.pretrain import PretrainConfig, pretrain
-from llamavit.train.probe import ProbeConfig, Prober, load_backbone
+from llamavit.train.probe import ProbeConfig, Prober
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2, patch_size=7, probe_layers=1)
 
@@ -71,7 +73,7 @@ def test_random_trunk_probe_and_load_backbone_errors(pretrained, tmp_path):
     wrong = llamavit.create_model("aim_600m_patch14_224", num_classes=3, img_size=28, in_chans=1,
                                   **{**TINY, "embed_dim": 48, "num_heads": 3})
     with pytest.raises(CheckpointError, match="lacks trunk weights"):
-        load_backbone(wrong, str(pretrained))
+        load_backbone(wrong, resolve_checkpoint(str(pretrained)))
     with pytest.raises(ValueError, match="give a checkpoint"):
         ProbeConfig()
 

@@ -9,13 +9,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import llamavit
 from llamavit.cli import main
-from llamavit.eval.attention import (
-    analyze_attention,
-    attention_probabilities,
-    collect_attention,
-    effective_ranks,
-    matrix_ranks,
-)
+from llamavit.eval.attention import (analyze_attention, attention_probabilities, collect_attention, effective_ranks,
+                                     matrix_ranks)
 from llamavit.eval.calibration import calibration_bins, expected_calibration_error
 from llamavit.eval.quantize import analyze_quantization, quantize_dynamic_int8, quantize_static_int8
 from llamavit.layers import Attention, RotaryEmbedding, prefix_causal_mask

@@ -7,16 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from llamavit.data import (
-    FASHION_MNIST_MEAN,
-    FASHION_MNIST_STD,
-    DatasetError,
-    FashionMNIST,
-    SyntheticImages,
-    TransformConfig,
-    build_dataset,
-    build_transform,
-)
+from llamavit.data import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, DatasetError, FashionMNIST, SyntheticImages,
+                           TransformConfig, build_dataset, build_transform)
 from llamavit.data.datasets import FASHION_MNIST_DIR
 
 needs_fmnist = pytest.mark.skipif(not os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")),

@@ -5,19 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llamavit.layers import (
-    Attention,
-    PatchEmbed,
-    RMSNorm,
-    RotaryEmbedding,
-    apply_rope,
-    naive_soft_mask_attention,
-    prefix_causal_mask,
-    rope_inverse_frequencies,
-    soft_mask_attention,
-    soft_mask_bias,
-    swiglu_hidden_dim,
-)
+from llamavit.layers import (Attention, PatchEmbed, RMSNorm, RotaryEmbedding, apply_rope, naive_soft_mask_attention,
+                             prefix_causal_mask, rope_inverse_frequencies, soft_mask_attention, soft_mask_bias,
+                             swiglu_hidden_dim)
 
 
 # --- RMSNorm -----------------------------------------------------------------------------------

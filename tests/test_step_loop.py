@@ -11,17 +11,8 @@ from timm.utils import ModelEmaV3
 
 from llamavit.cli import build_parser, main
 from llamavit.errors import NonFiniteLossError
-from llamavit.train import (
-    GenerateConfig,
-    GenerativeTrainer,
-    PretrainConfig,
-    Pretrainer,
-    ProbeConfig,
-    Prober,
-    StepLoop,
-    TrainConfig,
-    Trainer,
-)
+from llamavit.train import (GenerateConfig, GenerativeTrainer, PretrainConfig, Pretrainer, ProbeConfig, Prober,
+                            StepLoop, TrainConfig, Trainer)
 from llamavit.train.checkpoint import latest_checkpoint, read_meta
 from llamavit.train.generate import DiTEma
 

@@ -7,10 +7,11 @@ when the split folder is absent).
 import gzip
 import os
 import shutil
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 
@@ -106,3 +107,20 @@ def build_dataset(name: str, split: str = "train", transform: Optional[Callable]
         return tvd.ImageFolder(root, transform=transform)
     except (FileNotFoundError, RuntimeError) as e:
         raise DatasetError(f"cannot read image folder {root}: {e}") from e
+
+
+def is_latents_file(data: str) -> bool:
+    """Whether `data` names a latents file (.pt / .pth / .safetensors) rather than a dataset."""
+    return data.endswith((".pt", ".pth", ".safetensors")) and os.path.isfile(data)
+
+
+def read_latents(path: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(latents (N, C, H, W) float32, labels (N,) long) from a .pt or .safetensors file holding both
+    (e.g. VAE latents * 0.18215 for a latent diffusion model)."""
+    obj = load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict) or "latents" not in obj or "labels" not in obj:
+        raise ValueError(f"{path} must hold a dict with 'latents' (N, C, H, W) and 'labels' (N,)")
+    latents, labels = obj["latents"].float(), obj["labels"].long()
+    if latents.ndim != 4 or len(labels) != len(latents):
+        raise ValueError(f"{path}: latents {tuple(latents.shape)} and labels {tuple(labels.shape)} do not match")
+    return latents, labels

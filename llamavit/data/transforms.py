@@ -1,6 +1,6 @@
 """Image transforms, built with timm.data, plus the grayscale/RGB mapping to the model's channels."""
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torchvision import transforms as T
@@ -56,6 +56,29 @@ def build_transform(cfg: TransformConfig, is_training: bool) -> Callable:
         crop_pct=cfg.crop_pct)
     steps = [ToRGB(), tf] + ([FirstChannel()] if cfg.in_chans == 1 else [])
     return T.Compose(steps)
+
+
+def generation_transform(img_size: int, in_chans: int, hflip: float = 0.0, native: int = 28) -> Callable:
+    """PIL image -> (in_chans, img_size, img_size) in [-1, 1] (a diffusion model's pixels); images `native` px
+    wide are zero-padded to img_size (Fashion-MNIST 28 -> 32)."""
+    steps: List[Callable] = [T.Grayscale(1) if in_chans == 1 else ToRGB()]
+    if img_size >= native and (img_size - native) % 2 == 0:
+        steps.append(T.Pad((img_size - native) // 2))
+    steps += [T.Resize((img_size, img_size)), T.RandomHorizontalFlip(hflip), T.ToTensor(),
+              T.Normalize((0.5,) * in_chans, (0.5,) * in_chans)]
+    return T.Compose(steps)
+
+
+def aim_pretrain_transform(img_size: int, in_chans: int, mean: Sequence[float], std: Sequence[float],
+                           scale: Tuple[float, float] = (0.4, 1.0), hflip: float = 0.5,
+                           color_jitter: Sequence[float] = (0.4, 0.4, 0.2, 0.1),
+                           color_jitter_prob: float = 0.8) -> Callable:
+    """PIL image -> augmented, normalised (in_chans, img_size, img_size) tensor: AIM's pre-training recipe
+    (RandomResizedCrop bicubic, flip, ColorJitter with probability); mean / std of 3 channels."""
+    tf = create_transform(input_size=(3, img_size, img_size), is_training=True, scale=scale, hflip=hflip, vflip=0.0,
+                          color_jitter=color_jitter, color_jitter_prob=color_jitter_prob, interpolation="bicubic",
+                          mean=mean, std=std)
+    return T.Compose([ToRGB(), tf] + ([FirstChannel()] if in_chans == 1 else []))
 
 
 class ToRGB:

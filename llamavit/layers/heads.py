@@ -26,8 +26,10 @@ class AttentivePoolingHead(nn.Module):
         self.linear = nn.Linear(dim, num_classes, bias=False) if num_classes > 0 else nn.Identity()
 
     def reset_classifier(self, num_classes: int) -> None:
-        dim = self.k.in_features
-        self.linear = nn.Linear(dim, num_classes, bias=False) if num_classes > 0 else nn.Identity()
+        """A fresh classifier (0: none) on the head's device and dtype, in its train/eval mode."""
+        like = self.k.weight
+        self.linear = (nn.Linear(like.shape[1], num_classes, bias=False, device=like.device, dtype=like.dtype)
+                       if num_classes > 0 else nn.Identity()).train(self.training)
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         b, n, d = x.shape
@@ -54,3 +56,14 @@ class LinearProbeHead(nn.Module):
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         pooled = self.bn(x.mean(dim=1) if x.ndim == 3 else x)
         return pooled if pre_logits else self.linear(pooled)
+
+
+class MeanTokenHead(nn.Module):
+    """No classifier: the mean token. x (B, N, D) -> (B, D) (a head pruned away, timm's prune_head)."""
+
+    def reset_classifier(self, num_classes: int) -> None:
+        if num_classes:
+            raise ValueError("a pruned head has no classifier; build the model again to classify")
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return x.mean(dim=1)

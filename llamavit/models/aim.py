@@ -18,7 +18,7 @@ import torch.nn as nn
 from timm.layers import Mlp
 from timm.models._features import feature_take_indices
 
-from ..layers import Attention, AttentivePoolingHead, Block, PatchEmbed
+from ..layers import Attention, AttentivePoolingHead, Block, MeanTokenHead, PatchEmbed
 from ..layers.pos_embed import sincos_2d
 from .common import ClassifierContract, TokenTrunk
 
@@ -112,6 +112,7 @@ class AIM(TokenTrunk, ClassifierContract, nn.Module):
         self.cfg = cfg
         self.num_classes = cfg.num_classes
         self.num_features = self.embed_dim = cfg.embed_dim
+        self.in_chans = cfg.in_chans
         self.num_prefix_tokens = 0
         self.probe_layers = resolve_probe_layers(cfg.probe_layers, cfg.depth)
         self.grad_checkpointing = False
@@ -210,6 +211,6 @@ class AIM(TokenTrunk, ClassifierContract, nn.Module):
         self.probe_layers = tuple(i for i in self.probe_layers if i <= max_index) or (max_index,)
         if prune_norm:
             self.trunk.post_trunk_norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0)
+        if prune_head:   # the attentive pooling goes with the classifier: forward gives the mean token
+            self.head, self.num_classes = MeanTokenHead(), 0
         return take

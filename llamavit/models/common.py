@@ -40,9 +40,9 @@ class ClassifierContract:
             self.check_global_pool(global_pool)
             self.global_pool = global_pool
         self.num_classes = num_classes
-        old = self.head.weight if isinstance(self.head, nn.Linear) else next(self.parameters())
-        self.head = (nn.Linear(self.num_features, num_classes, device=old.device, dtype=old.dtype)
-                     if num_classes > 0 else nn.Identity())
+        like = self.head.weight if isinstance(self.head, nn.Linear) else next(self.parameters())
+        self.head = (nn.Linear(self.num_features, num_classes, device=like.device, dtype=like.dtype)
+                     if num_classes > 0 else nn.Identity()).train(self.training)
 
     def check_global_pool(self, global_pool: str) -> None:
         """Raise ValueError when this model cannot pool that way."""

@@ -116,3 +116,24 @@ def load_checkpoint(model: nn.Module, path: Union[str, Sequence[str]], assign: b
     if left:
         raise CheckpointError(f"{source} left tensors unset on the meta device: {keys_report(left)}")
     return model
+
+
+def load_backbone(model: nn.Module, path: str) -> nn.Module:
+    """Load every trunk weight of `path` (a checkpoint file or directory) into `model`; the classifier's
+    weights are taken where they fit and left as initialised where they do not (another number of classes)."""
+    state = convert_state_dict(model, read_state_dict(path))
+    own = model.state_dict()
+    fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    missing = set(own) - set(fits)
+    classifier = {k for k in own if _is_classifier(model, k)}
+    if missing - classifier:
+        raise CheckpointError(f"{path} lacks trunk weights of {type(model).__name__}: "
+                              f"{keys_report(missing - classifier)}")
+    model.load_state_dict(fits, strict=False)
+    return model
+
+
+def _is_classifier(model: nn.Module, key: str) -> bool:
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    names = {f"{n}.{p}" for n, m in model.named_modules() if m is head for p, _ in m.named_parameters()}
+    return key in names

@@ -99,6 +99,7 @@ class ILLaMA(TokenTrunk, ClassifierContract, nn.Module):
         self.num_classes = cfg.num_classes
         self.global_pool = cfg.global_pool
         self.num_features = self.embed_dim = cfg.embed_dim
+        self.in_chans = cfg.in_chans
         self.cls_index = -1 if cfg.class_token_position == "last" else 0
         # timm helpers and our analyses find the patch tokens between the prefix and suffix tokens
         self.num_prefix_tokens = int(self.cls_index == 0)

@@ -21,7 +21,8 @@ _FEATURE_CFGS: Dict[str, dict] = {}  # family -> timm feature_cfg for features_o
 MODEL_FAMILY: Dict[str, str] = {}
 _ARCH_DEFAULTS: Dict[str, dict] = {}
 TIMM_PREFIX = "timm:"  # create_model("timm:<name>") builds a timm model (for baselines)
-_TIMM_BUILD_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "feature_cfg", "features_only")
+_TIMM_BUILD_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "feature_cfg", "features_only",
+                    "feature_cls")
 
 
 def _cfg(img_size: int, **kwargs) -> dict:
@@ -76,7 +77,7 @@ def _register(name: str, family: str, img_size: int, doc: str, pretrained_cfg: O
     register_model(entrypoint)
 
 
-_PLAIN_FEATURES = {"feature_cls": "getter"}
+_PLAIN_FEATURES = {"feature_cls": "getter", "out_indices": 3}   # the last 3 blocks, as timm's ViTs
 
 register_family("illama", illama.ILLaMA, illama.ILLaMAConfig, feature_cfg=_PLAIN_FEATURES)
 _ILLAMA_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}

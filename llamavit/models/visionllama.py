@@ -81,6 +81,7 @@ class VisionLLaMA(TokenTrunk, ClassifierContract, nn.Module):
         self.num_classes = cfg.num_classes
         self.global_pool = cfg.global_pool
         self.num_features = self.embed_dim = cfg.embed_dim
+        self.in_chans = cfg.in_chans
         self.num_prefix_tokens = 1 if cfg.class_token else 0
         self.grad_checkpointing = False
 

@@ -1,13 +1,7 @@
 """Self-supervised objectives with parameters of their own (decoders, mask tokens) around a llamavit trunk:
 AIM's next-patch regression and MAE's masked reconstruction. The step loop trains them (train/pretrain.py)."""
-from .aim import (
-                  AutoregressiveObjective,
-                  DecoderConfig,
-                  PixelDecoder,
-                  decoder_block,
-                  next_patch_loss,
-                  sample_prefix_lengths,
-)
+from .aim import (AutoregressiveObjective, DecoderConfig, PixelDecoder, decoder_block, next_patch_loss,
+                  sample_prefix_lengths)
 from .mae import MAEDecoderConfig, MAEObjective, random_masking
 from .targets import normalized_targets, patchify, unpatchify
 

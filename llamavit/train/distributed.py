@@ -15,6 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..layers import Block
+from ..models.dit_llama import AdaLNBlock
+
 
 @dataclass
 class DistEnv:
@@ -80,11 +83,10 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
-def wrap_model(model: nn.Module, env: DistEnv, fsdp: bool = False, find_unused_parameters: bool = False) -> nn.Module:
+def wrap_model(model: nn.Module, env: DistEnv, fsdp: bool = False) -> nn.Module:
     """The module the training step calls: DDP around `model`, or `model` itself sharded in place by FSDP2
-    (`fully_shard` on every transformer block, then the root), or `model` unchanged in one process.
-    find_unused_parameters: DDP must expect parameters the loss does not reach (a pre-training objective
-    around a classifier whose head it does not use)."""
+    (`fully_shard` on every transformer block, then the root), or `model` unchanged in one process. Every
+    trainable parameter must get a gradient (objectives freeze the trunk parts they do not reach)."""
     if not env.distributed:
         if fsdp:
             raise ValueError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N")
@@ -97,19 +99,15 @@ def wrap_model(model: nn.Module, env: DistEnv, fsdp: bool = False, find_unused_p
             fully_shard(block)
         return fully_shard(model)
     device_ids = [env.device.index] if env.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
-                                               find_unused_parameters=find_unused_parameters)
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
 def _transformer_blocks(model: nn.Module):
-    """The repeated blocks (FSDP units): children of every ModuleList named 'blocks', nested or not."""
-    for name, module in model.named_modules():
-        if name.split(".")[-1] == "blocks" and isinstance(module, nn.ModuleList):
-            for child in module:
-                if isinstance(child, nn.ModuleList):  # pyramid stages
-                    yield from child
-                else:
-                    yield child
+    """The FSDP units: every transformer block (the one Block of every trunk and decoder, DiT's adaLN block)
+    that trains; frozen blocks (a frozen LLM) stay with the root."""
+    for module in model.modules():
+        if isinstance(module, (Block, AdaLNBlock)) and any(p.requires_grad for p in module.parameters()):
+            yield module
 
 
 def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer):

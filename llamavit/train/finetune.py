@@ -2,8 +2,10 @@
 import dataclasses
 from typing import Any, Dict
 
+from ..models import load_backbone
 from .config import TrainConfig
-from .probe import checkpoint_model, load_backbone
+from .checkpoint import resolve_checkpoint
+from .probe import checkpoint_model
 from .supervised import Trainer
 
 
@@ -27,7 +29,7 @@ def finetune(cfg: TrainConfig) -> Dict[str, Any]:
     if not cfg.checkpoint_path:
         raise ValueError("finetune needs --checkpoint-path (a pre-trained llamavit run or an official file)")
     trainer = Trainer(dataclasses.replace(cfg, checkpoint_path=None))
-    load_backbone(trainer.model, cfg.checkpoint_path)
+    load_backbone(trainer.model, resolve_checkpoint(cfg.checkpoint_path))
     if trainer.ema is not None:
         trainer.ema.module.load_state_dict(trainer.model.state_dict())
     if cfg.soft_mask == "none" and hasattr(trainer.model, "set_soft_mask_rate"):

@@ -15,17 +15,14 @@ Training runs on the step loop (step_loop.py): model and EMA weights with metada
 optimiser and step in state.pt; data order per (seed, epoch), and t, noise and label dropout per
 (seed, step), so a resumed run logs the same losses as an uninterrupted one.
 """
-import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from timm.utils import ModelEmaV3
 from torch.utils.data import Subset, TensorDataset
-from torchvision import transforms as T
 
-from ..data import build_dataset
-from ..data.transforms import ToRGB
+from ..data import build_dataset, generation_transform, is_latents_file, read_latents
 from ..diffusion import GaussianDiffusion, LinearFlow
 from ..models import create_model, load_checkpoint
 from .config import LoopConfig
@@ -73,42 +70,13 @@ HELP = {
 }
 
 
-def _is_latents(data: str) -> bool:
-    return data.endswith((".pt", ".pth", ".safetensors")) and os.path.isfile(data)
-
-
-def read_latents(path: str):
-    """(latents (N, C, H, W) float32, labels (N,) long) from a .pt or .safetensors file."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        obj = load_file(path)
-    else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(obj, dict) or "latents" not in obj or "labels" not in obj:
-        raise ValueError(f"{path} must hold a dict with 'latents' (N, C, H, W) and 'labels' (N,)")
-    latents, labels = obj["latents"].float(), obj["labels"].long()
-    if latents.ndim != 4 or len(labels) != len(latents):
-        raise ValueError(f"{path}: latents {tuple(latents.shape)} and labels {tuple(labels.shape)} do not match")
-    return latents, labels
-
-
-def pixel_transform(img_size: int, in_chans: int, hflip: float = 0.0, native: int = 28):
-    """PIL image -> (in_chans, img_size, img_size) in [-1, 1]; images `native` px wide are zero-padded."""
-    steps: List[Any] = [T.Grayscale(1) if in_chans == 1 else ToRGB()]
-    if img_size >= native and (img_size - native) % 2 == 0:
-        steps.append(T.Pad((img_size - native) // 2))
-    steps += [T.Resize((img_size, img_size)), T.RandomHorizontalFlip(hflip), T.ToTensor(),
-              T.Normalize((0.5,) * in_chans, (0.5,) * in_chans)]
-    return T.Compose(steps)
-
-
 def build_generative_dataset(cfg: GenerateConfig):
     """(dataset of (x in [-1, 1] or latents, label), class names, pixel space?)."""
-    if _is_latents(cfg.data):
+    if is_latents_file(cfg.data):
         latents, labels = read_latents(cfg.data)
         return TensorDataset(latents, labels), [str(c) for c in range(int(labels.max()) + 1)], False
     native = 28 if cfg.data == "fashion_mnist" else cfg.img_size
-    ds = build_dataset(cfg.data, "train", pixel_transform(cfg.img_size, cfg.in_chans, cfg.hflip, native),
+    ds = build_dataset(cfg.data, "train", generation_transform(cfg.img_size, cfg.in_chans, cfg.hflip, native),
                        img_size=cfg.img_size, in_chans=cfg.in_chans, seed=cfg.seed)
     return ds, list(ds.classes), True
 

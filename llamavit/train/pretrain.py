@@ -17,23 +17,15 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-from timm.data import create_transform
 from torch.utils.data import Subset
 from torchvision import transforms as T
 from torchvision.utils import save_image
 
-from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, build_dataset
-from ..data.transforms import FirstChannel, ToRGB, rgb_normalization
+from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, aim_pretrain_transform, build_dataset, rgb_normalization
+from ..data.transforms import FirstChannel, ToRGB
 from ..models import create_model, load_checkpoint
-from ..objectives import (
-    AutoregressiveObjective,
-    DecoderConfig,
-    MAEDecoderConfig,
-    MAEObjective,
-    patchify,
-    sample_prefix_lengths,
-    unpatchify,
-)
+from ..objectives import (AutoregressiveObjective, DecoderConfig, MAEDecoderConfig, MAEObjective, patchify,
+                          sample_prefix_lengths, unpatchify)
 from .config import LoopConfig
 from .step_loop import StepLoop, mix_seed
 
@@ -109,12 +101,9 @@ def _norm_stats(cfg: PretrainConfig):
 
 
 def pretrain_transform(cfg: PretrainConfig):
-    """PIL image -> augmented, normalised (in_chans, img_size, img_size) tensor (official AIM recipe)."""
-    mean, std = _norm_stats(cfg)
-    tf = create_transform(input_size=(3, cfg.img_size, cfg.img_size), is_training=True, scale=cfg.scale,
-                          hflip=cfg.hflip, vflip=0.0, color_jitter=cfg.color_jitter,
-                          color_jitter_prob=cfg.color_jitter_prob, interpolation="bicubic", mean=mean, std=std)
-    return T.Compose([ToRGB(), tf] + ([FirstChannel()] if cfg.in_chans == 1 else []))
+    """The pre-training augmentation of cfg (the official AIM recipe)."""
+    return aim_pretrain_transform(cfg.img_size, cfg.in_chans, *_norm_stats(cfg), scale=cfg.scale, hflip=cfg.hflip,
+                                  color_jitter=cfg.color_jitter, color_jitter_prob=cfg.color_jitter_prob)
 
 
 class Pretrainer(StepLoop):

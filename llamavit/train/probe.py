@@ -21,9 +21,8 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 from tqdm import tqdm
 
 from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, TransformConfig, build_dataset, build_transform
-from ..errors import CheckpointError
 from ..layers import AttentivePoolingHead, LinearProbeHead
-from ..models import convert_state_dict, create_model, keys_report, read_state_dict
+from ..models import create_model, load_backbone
 from .checkpoint import read_meta, resolve_checkpoint
 from .config import LoopConfig
 from .distributed import all_reduce_sum
@@ -78,7 +77,7 @@ def load_trunk(cfg: ProbeConfig) -> Tuple[nn.Module, Dict[str, Any]]:
     kwargs = {**kwargs, **overrides}
     model = create_model(name, **kwargs)
     if cfg.checkpoint:
-        load_backbone(model, cfg.checkpoint)
+        load_backbone(model, resolve_checkpoint(cfg.checkpoint))
     return model, {"model": name, **kwargs}
 
 
@@ -90,26 +89,6 @@ def checkpoint_model(checkpoint: Optional[str], model: Optional[str]) -> Tuple[s
     if model is None:
         raise ValueError(f"{checkpoint} is not a llamavit checkpoint: name its model with --model")
     return model, {}
-
-
-def load_backbone(model: nn.Module, path: str) -> nn.Module:
-    """Load every trunk weight of `path` into `model`; classifier weights that do not fit are left as initialised."""
-    state = convert_state_dict(model, read_state_dict(resolve_checkpoint(path)))
-    own = model.state_dict()
-    fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    missing = set(own) - set(fits)
-    classifier = {k for k in own if _is_classifier(model, k)}
-    if missing - classifier:
-        raise CheckpointError(f"{path} lacks trunk weights of {type(model).__name__}: "
-                              f"{keys_report(missing - classifier)}")
-    model.load_state_dict(fits, strict=False)
-    return model
-
-
-def _is_classifier(model: nn.Module, key: str) -> bool:
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    names = {f"{n}.{p}" for n, m in model.named_modules() if m is head for p, _ in m.named_parameters()}
-    return key in names
 
 
 def _transform(cfg: ProbeConfig, kwargs: Dict[str, Any], train: bool):

@@ -47,15 +47,8 @@ from ..errors import CheckpointError, NonFiniteLossError
 from ..models import load_checkpoint, read_state_dict
 from .checkpoint import EMA_NAME, WEIGHTS_NAME, latest_checkpoint, load_training_state, save_checkpoint
 from .config import LoopConfig
-from .distributed import (
-    DistEnv,
-    all_reduce_sum,
-    barrier,
-    full_state_dicts,
-    init_distributed,
-    load_full_state_dicts,
-    wrap_model,
-)
+from .distributed import (DistEnv, all_reduce_sum, barrier, full_state_dicts, init_distributed, load_full_state_dicts,
+                          wrap_model)
 
 # what a run writes at the top of its output directory (a trainer may add plots beside them)
 RUN_FILES = ("checkpoints", "log.jsonl", "config.json", "summary.json", "curves.png")
@@ -140,7 +133,6 @@ class StepLoop:
 
     progress_desc = "train"
     step_salt = 104729                   # each trainer draws its step's randomness from (seed, step, salt + rank)
-    find_unused_parameters = False       # DDP: the module has parameters the loss does not reach
 
     # --- set-up, called by the trainer's __init__ in this order --------------------------------
     def init_loop(self, cfg: LoopConfig) -> None:
@@ -192,7 +184,7 @@ class StepLoop:
             self.model.set_grad_checkpointing(True)
         module.to(self.env.device)
         # what the step calls: DDP / FSDP2 (which shards `module` in place) / compiled
-        self.train_module = wrap_model(module, self.env, cfg.fsdp, self.find_unused_parameters)
+        self.train_module = wrap_model(module, self.env, cfg.fsdp)
         if cfg.compile:
             self.train_module = torch.compile(self.train_module)
         self.optimizer = create_optimizer_v2(module, "adamw", lr=lr, weight_decay=weight_decay, betas=tuple(betas))
