@@ -4,8 +4,10 @@ loss curves of every trainer from the same seed.
 The earlier commit's `llamavit/` is extracted with `git archive` into a temporary directory as the
 package `llamavit_ref` (the package imports itself relatively, so it runs under another name). For each
 model both versions are built from the same seed (the same weights: checked, and the outputs compared),
-then timed in interleaved rounds (A B A B ...) under `torch.inference_mode`, fp32, eval, so drift and
-other load hit both. A refactor must be no slower: the ratio ours / ref should be >= ~0.97 (noise).
+then timed in interleaved rounds under `torch.inference_mode`, fp32, eval, the order alternating (A B, B A,
+...) so that neither side always runs on the heap the other just left; the ratio is the median of the
+per-round ratios, with their quartiles. A refactor must be no slower: ratio ours / ref ~1 within the
+quartiles (this machine's round-to-round noise is a few percent).
 
     python bench/before_after.py --ref a6438de                   # iLLaMA-T (soft mask r=0) and VisionLLaMA-S
     python bench/before_after.py --ref HEAD~3 --out bench/results/before_after.json
@@ -25,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 
 import torch
@@ -33,7 +36,9 @@ from timm.models import _registry as timm_registry
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from machine import cpu_flags, cpu_model  # noqa: E402
-from throughput import interleaved_times  # noqa: E402
+
+# NOTE: nothing here may import llamavit before the ref package is imported (throughput.py does): the package
+# imported last owns the model names in timm's registry, and it must be the current one
 
 MODELS = {"illama_tiny_patch16_224": {}, "visionllama_small_patch16_224": {}}
 STEPS = 8
@@ -98,6 +103,9 @@ def compare_training(ref, ours, out: str) -> dict:
             torch.manual_seed(0)
             with ref_models(ref.models.registry) if side == "ref" else contextlib.nullcontext():
                 trainer = make()
+                package = type(trainer.model).__module__.split(".")[0]
+                if package != ("llamavit_ref" if side == "ref" else "llamavit"):
+                    raise RuntimeError(f"the {side} trainer built a {package} model")
                 trainer.fit()
             curves[side] = logged_losses(trainer.cfg.output)
         diffs = [abs(a - b) for a, b in zip(curves["ref"], curves["ours"])]
@@ -121,12 +129,33 @@ def extract(ref: str, root: str) -> str:
     return commit
 
 
+def alternating_rounds(fns: dict, rounds: int, warmup: int, other_load) -> dict:
+    """Warm-up calls, then `rounds` rounds of one call of each fn, in forward order on even rounds and reverse
+    order on odd ones. -> {"times": {name: [seconds per round]}, "other_cores": [cores other processes used]}."""
+    names = list(fns)
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times, other, load = {n: [] for n in names}, [], other_load()
+    for r in range(rounds):
+        load.cores_since_last()
+        for n in (names if r % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+        other.append(load.cores_since_last())
+    return {"times": times, "other_cores": other}
+
+
 def build_pair(name: str, kwargs: dict, ref_registry, ours_create):
     """(ref model, our model) from the same seed, eval mode; iLLaMA at soft-mask rate 0 (causal)."""
     torch.manual_seed(0)
     ref = ref_registry._build(name, **kwargs).eval()
     torch.manual_seed(0)
     ours = ours_create(name, **kwargs).eval()
+    if not (type(ref).__module__.startswith("llamavit_ref.") and type(ours).__module__.startswith("llamavit.")):
+        raise RuntimeError(f"the two models are {type(ref).__module__} and {type(ours).__module__}: llamavit was "
+                           f"imported before the ref package")
     for m in (ref, ours):
         if hasattr(m, "set_soft_mask_rate"):
             m.set_soft_mask_rate(0.0)
@@ -139,9 +168,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--max-seconds", type=float, default=240.0, help="keep adding rounds until this many were quiet")
     ap.add_argument("--training", action="store_true", help="also compare the trainers' loss curves")
     ap.add_argument("--out", help="write the JSON result here")
     args = ap.parse_args()
@@ -152,6 +180,7 @@ def main() -> None:
         sys.path.insert(0, root)
         ref_registry = importlib.import_module("llamavit_ref.models.registry")
         import llamavit  # imported second: timm's registry then points at the current package
+        from throughput import OtherLoad
         x = torch.randn(args.batch, 3, args.img_size, args.img_size)
         result = {"ref": commit, "batch": args.batch, "img_size": args.img_size, "threads": args.threads,
                   "cpu": cpu_model(), "cpu_flags": cpu_flags(), "torch": torch.__version__, "models": {}}
@@ -169,21 +198,24 @@ def main() -> None:
                     with torch.inference_mode():
                         m(x)
 
-                timing = interleaved_times({"ref": run_ref, "ours": run_ours}, args.rounds, args.warmup,
-                                           args.max_seconds)
+                timing = alternating_rounds({"ref": run_ref, "ours": run_ours}, args.rounds, args.warmup, OtherLoad)
             quiet = [i for i, c in enumerate(timing["other_cores"]) if c is not None and c < 0.15]
-            picks = quiet if len(quiet) >= 3 else range(len(timing["other_cores"]))
+            picks = quiet if len(quiet) >= 3 else list(range(len(timing["other_cores"])))
             med = {k: statistics.median(v[i] for i in picks) for k, v in timing["times"].items()}
+            ratios = sorted(timing["times"]["ref"][i] / timing["times"]["ours"][i] for i in picks)
+            q1, q2, q3 = statistics.quantiles(ratios, n=4)
             row = {"same_weights": same, "max_abs_logit_diff": diff, "rounds": len(timing["other_cores"]),
                    "quiet_rounds": len(quiet), "ref_img_per_s": args.batch / med["ref"],
-                   "ours_img_per_s": args.batch / med["ours"], "ratio_ours_over_ref": med["ref"] / med["ours"]}
+                   "ours_img_per_s": args.batch / med["ours"], "ratio_ours_over_ref": q2,
+                   "ratio_quartiles": [q1, q3]}
             result["models"][name] = row
             print(f"{name}: ref {row['ref_img_per_s']:.1f} img/s, ours {row['ours_img_per_s']:.1f} img/s, "
-                  f"ratio {row['ratio_ours_over_ref']:.3f} ({row['quiet_rounds']}/{row['rounds']} quiet rounds; "
+                  f"ratio {q2:.3f} (quartiles {q1:.3f}-{q3:.3f}; {row['quiet_rounds']}/{row['rounds']} quiet rounds; "
                   f"same weights {same}, max |logit diff| {diff:.1e})")
         if args.training:
             ref = importlib.import_module("llamavit_ref")
             importlib.import_module("llamavit_ref.train")
+            importlib.import_module("llamavit.train")
             result["training"] = compare_training(ref, llamavit, os.path.join(root, "runs"))
     if args.out:
         with open(args.out, "w") as f:

@@ -88,10 +88,13 @@ class TokenTrunk:
         """Embed images (B, C, H, W) and run blocks 0..last; -> ({index: output (B, N, D)} for `keep`, grid)."""
         tokens, attn_args, grid = self.embed(x, attn_mask)
         checkpointing = self.grad_checkpointing and self.training and not torch.jit.is_scripting()
+        outputs = iter_blocks(self.trunk_blocks()[:last + 1], tokens, checkpointing, **attn_args)
+        del tokens   # the blocks own the first activation now: a reference here would keep it alive
         kept = {}
-        for i, out in enumerate(iter_blocks(self.trunk_blocks()[:last + 1], tokens, checkpointing, **attn_args)):
+        for i, out in enumerate(outputs):
             if i in keep:
                 kept[i] = out
+            del out
         return kept, grid
 
     def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
