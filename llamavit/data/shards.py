@@ -19,6 +19,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from .seeding import mix_seed
+
 INDEX_FORMAT = "llamavit-shards"
 
 
@@ -60,13 +62,6 @@ def _identity(src):
     return src
 
 
-def _mix(*parts: int) -> int:
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
-    return h % (2 ** 31 - 1)
-
-
 class ShardDataset(IterableDataset):
     """Streams (transformed image, label) from the shards of one split.
 
@@ -94,7 +89,7 @@ class ShardDataset(IterableDataset):
 
     def _my_shards(self) -> List[str]:
         shards = list(self.index["shards"])
-        random.Random(_mix(self.seed, self.epoch, 17)).shuffle(shards)
+        random.Random(mix_seed(self.seed, self.epoch, 17)).shuffle(shards)
         shards = shards[self.rank::self.world_size] or shards[self.rank % len(shards)::len(shards)]
         worker = get_worker_info()
         if worker is not None:
@@ -112,7 +107,7 @@ class ShardDataset(IterableDataset):
                 return
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, int]]:
-        rng = random.Random(_mix(self.seed, self.epoch, self.rank, 31))
+        rng = random.Random(mix_seed(self.seed, self.epoch, self.rank, 31))
         buffer: List[dict] = []
         for sample in self._raw_samples(self._my_shards()):
             if len(buffer) < self.shuffle_buffer:
@@ -130,7 +125,7 @@ class ShardDataset(IterableDataset):
         image = Image.open(io.BytesIO(sample["png"]))
         image.load()
         label = int(sample["cls"])
-        seed = _mix(self.seed, self.epoch, zlib.crc32(key.encode()))
+        seed = mix_seed(self.seed, self.epoch, zlib.crc32(key.encode()))
         random.seed(seed)
         np.random.seed(seed)
         torch.random.default_generator.manual_seed(seed)

@@ -24,9 +24,10 @@ from torch.utils.data import Subset, TensorDataset
 
 from ..data import build_dataset, generation_transform, is_latents_file, read_latents
 from ..diffusion import GaussianDiffusion, LinearFlow
+from ..data.seeding import mix_seed
 from ..models import create_model, load_checkpoint
 from .config import LoopConfig
-from .step_loop import StepLoop, mix_seed
+from .step_loop import StepLoop
 
 OBJECTIVES = ("ddpm", "flow")
 

@@ -23,11 +23,12 @@ from torchvision.utils import save_image
 
 from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, aim_pretrain_transform, build_dataset, rgb_normalization
 from ..data.transforms import FirstChannel, ToRGB
+from ..data.seeding import mix_seed
 from ..models import create_model, load_checkpoint
 from ..objectives import (AutoregressiveObjective, DecoderConfig, MAEDecoderConfig, MAEObjective, patchify,
                           sample_prefix_lengths, unpatchify)
 from .config import LoopConfig
-from .step_loop import StepLoop, mix_seed
+from .step_loop import StepLoop
 
 OBJECTIVES = ("aim", "mae")
 # MAE's recipe where it differs from AIM's (facebookresearch/mae): light decoder, crops 0.2-1, no colour jitter

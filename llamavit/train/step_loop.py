@@ -43,6 +43,7 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, TensorDataset
 from tqdm import tqdm
 
+from ..data.seeding import mix_seed
 from ..errors import CheckpointError, NonFiniteLossError
 from ..models import load_checkpoint, read_state_dict
 from .checkpoint import EMA_NAME, WEIGHTS_NAME, latest_checkpoint, load_training_state, save_checkpoint
@@ -68,14 +69,6 @@ def set_aside_earlier_run(output: str) -> Optional[str]:
     for name in present:
         os.replace(os.path.join(output, name), os.path.join(dest, name))
     return dest
-
-
-def mix_seed(*parts: int) -> int:
-    """One 31-bit seed from several integers (seed, epoch, index, ...); different tuples, different seeds."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
-    return h % (2 ** 31 - 1)
 
 
 def seed_everything(seed: int) -> None:
