@@ -31,6 +31,7 @@ DESCRIPTION = "llamavit: build, train, evaluate and run LLaMA-style vision trans
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `llamavit` argument parser: every command and its flags."""
     from .train import PretrainConfig, ProbeConfig, TrainConfig
     from .train.pretrain import HELP as PRETRAIN_HELP
     from .train.probe import HELP as PROBE_HELP
@@ -210,6 +211,7 @@ COMMANDS = {"models": cmd_models, "info": cmd_info, "train": cmd_train, "pretrai
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run one command; user errors print one line and return 2 (no traceback)."""
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)

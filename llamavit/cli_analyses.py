@@ -72,6 +72,7 @@ def add_analyze_parser(sub) -> None:
 
 
 def add_ablate_parser(sub) -> None:
+    """`llamavit ablate illama-ladder`: a ladder file trained rung by rung."""
     p = sub.add_parser("ablate", help="ablation ladders (the iLLaMA ViT -> iLLaMA ladder)", description=(
         "Train every rung of a ladder file with the same budget and seeds, then write ladder.json, ladder.md, "
         "ladder_curves.png and ladder_attention_spectrum.png (attention ranks of every trained rung). "
@@ -144,6 +145,7 @@ def cmd_analyze(args) -> None:
 
 
 def cmd_ablate(args) -> None:
+    """Train every rung of the ladder (resuming finished ones) and write its report."""
     from .ablation import format_ladder_table, load_ladder, run_ladder, save_ladder_report, summarize_ladder
     ladder = load_ladder(args.config)
     budget = {k: getattr(args, k) for k in ("epochs", "max_steps", "train_subset", "val_subset", "batch_size")}

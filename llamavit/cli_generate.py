@@ -13,6 +13,7 @@ from .cli_options import add_config_flags, config_from_args
 
 
 def add_generate_parser(sub) -> None:
+    """`llamavit generate train|sample|eval`."""
     from .train.generate import HELP, GenerateConfig
     p = sub.add_parser("generate", help="class-conditional image generation (DiT / DiT-LLaMA, DDPM or SiT flow)",
                        description="Train class-conditional diffusion transformers, sample image grids, and "
@@ -72,6 +73,7 @@ def _sample(args, model, meta, labels):
 
 
 def cmd_generate(args) -> None:
+    """Train a generator, sample a grid, or score samples with a classifier."""
     if args.action == "train":
         from .train.generate import GenerateConfig, train_generative
         print(json.dumps(train_generative(config_from_args(GenerateConfig, args)), indent=2))

@@ -12,6 +12,7 @@ DEMO_MODEL = {"patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3}
 
 
 def run_demo(output: str = "runs/demo", epochs: int = 1, train_subset: int = 0, num_samples: int = 8) -> dict:
+    """Train the demo iLLaMA on Fashion-MNIST, evaluate it, classify test images; -> the run summary."""
     cfg = TrainConfig(model="illama_tiny_patch16_224", model_kwargs=dict(DEMO_MODEL), img_size=28, in_chans=1,
                       data="fashion_mnist", train_subset=train_subset, epochs=epochs, batch_size=128, lr=2e-3,
                       min_lr=1e-5, warmup_epochs=0.1, betas=(0.9, 0.99), clip_grad=1.0, scale=(0.75, 1.0),

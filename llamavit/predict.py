@@ -10,6 +10,7 @@ from .errors import ImageReadError
 
 
 def load_image(path: str) -> Image.Image:
+    """Open an image file fully into memory; ImageReadError naming the file otherwise."""
     try:
         with Image.open(path) as img:
             img.load()

@@ -24,6 +24,7 @@ from ..train import TrainConfig, Trainer
 
 @dataclass
 class Rung:
+    """One rung: its name, what it changes, and its resolved (cumulative) model and training options."""
     name: str
     change: str
     model_kwargs: Dict[str, Any]       # resolved (cumulative) model options
@@ -32,6 +33,7 @@ class Rung:
 
 @dataclass
 class Ladder:
+    """A ladder file, resolved: the model name, the rungs, the shared training options."""
     model: str
     rungs: List[Rung]
     train: Dict[str, Any] = field(default_factory=dict)

@@ -41,6 +41,7 @@ def _pm(stat: Dict[str, float], digits: int) -> str:
 
 
 def format_ladder_table(rows: List[Dict[str, Any]], markdown: bool = True) -> str:
+    """The ladder summary as a table (markdown or plain text), one row per rung."""
     header = ["rung", "change", "params", "top-1 (%)", "final train loss", "attention", "attn rank",
               "effective rank", "s / run (not resumed)"]
     lines = []

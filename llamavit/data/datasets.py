@@ -42,6 +42,7 @@ class FashionMNIST(tvd.FashionMNIST):
 
     @property
     def raw_folder(self) -> str:
+        """Where torchvision's reader finds the decompressed idx files."""
         return os.path.join(CACHE_DIR, "FashionMNIST", "raw")
 
     def _extract(self) -> None:

@@ -25,6 +25,7 @@ INDEX_FORMAT = "llamavit-shards"
 
 
 def shard_index_path(root: str, split: str) -> str:
+    """The index file of a split's shards: <root>/<split>.json."""
     return os.path.join(root, f"{split}.json")
 
 

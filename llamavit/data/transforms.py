@@ -8,6 +8,7 @@ from torchvision import transforms as T
 
 @dataclass
 class TransformConfig:
+    """What a model's images go through: size, channels, normalisation and the training augmentation."""
     img_size: int = 224
     in_chans: int = 3
     mean: Optional[Sequence[float]] = None      # None: ImageNet's (or its first channel for 1 channel)

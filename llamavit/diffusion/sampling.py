@@ -14,6 +14,7 @@ SAMPLERS = DIFFUSION_SAMPLERS + ODE_METHODS
 
 
 def default_sampler(objective: str) -> str:
+    """The sampler an objective uses by default: 'ddpm' for DDPM, 'heun' for flow."""
     return "ddpm" if objective == "ddpm" else "heun"
 
 

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 @dataclass
 class ActivationConfig:
+    """Options of the activation maps: the high-pass cut-off in cycles per token."""
     high_pass: float = 0.25     # cut-off radius in cycles per token (0.5 = Nyquist)
     alpha: float = 0.6          # heat-map opacity over the image
 

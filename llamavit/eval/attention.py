@@ -254,6 +254,7 @@ def plot_spectra(spectra: Dict[str, Sequence[float]], path: str, title: str = ""
 
 
 def format_rank_table(result: dict) -> str:
+    """Attention ranks per layer as a plain-text table."""
     ranks = result["ranks"]
     lines = [f"{'layer':<28} {'mean rank':>9} {'eff. rank':>9}   (of {ranks['num_tokens']} tokens)"]
     for i in result["layers"]:

@@ -103,6 +103,7 @@ def save_calibration_report(result: dict, out_dir: str, title: str = "") -> List
 
 
 def format_calibration_table(result: dict) -> str:
+    """ECE and accuracy per confidence bin as a plain-text table."""
     lines = [f"ECE {100 * result['ece']:.2f} points ({result['num_bins']} bins), top-1 {result['top1']:.2f}%, "
              f"mean confidence {100 * result['mean_confidence']:.2f}%, NLL {result['nll']:.4f}",
              f"{'bin':>11} {'images':>7} {'confidence':>10} {'accuracy':>9}"]

@@ -179,6 +179,7 @@ def save_quantization_report(result: dict, out_dir: str, title: str = "") -> Lis
 
 
 def format_quantization_table(result: dict) -> str:
+    """Accuracy, size and speed per quantisation method as a plain-text table."""
     lines = [f"{'method':<13} {'top-1':>7} {'drop':>6} {'size MiB':>9} {'ratio':>6} {'int8 Linear':>11} {'eval s':>7}"]
     for r in result["results"]:
         if "error" in r:

@@ -43,6 +43,7 @@ def save_resolution_report(results: List[Dict], out_dir: str, train_size: Option
 
 
 def format_resolution_table(results: List[Dict]) -> str:
+    """Top-1 per input size as a plain-text table."""
     lines = [f"{'size':>5} {'top-1':>7} {'top-5':>7} {'loss':>7}"]
     for r in results:
         if "error" in r:

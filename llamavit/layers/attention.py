@@ -201,6 +201,7 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, mask_mode: str = "bidire
 
 
 def check_mask_mode(mask_mode: str) -> None:
+    """Raise ValueError naming the modes unless mask_mode is one of MASK_MODES."""
     if mask_mode not in MASK_MODES:
         raise ValueError(f"unknown mask mode {mask_mode!r}; expected one of {MASK_MODES}")
 

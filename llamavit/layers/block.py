@@ -64,4 +64,5 @@ def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, checkpointing: bool
 
 
 def run_block(blk: nn.Module, x: torch.Tensor, checkpointing: bool, **attn_args) -> torch.Tensor:
+    """One block on x (B, N, D), through activation checkpointing when asked."""
     return checkpoint(blk, x, use_reentrant=False, **attn_args) if checkpointing else blk(x, **attn_args)

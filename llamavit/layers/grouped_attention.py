@@ -71,6 +71,7 @@ class SubsampledAttention(nn.Module):
             self.norm = nn.LayerNorm(dim, eps=norm_eps)
 
     def reduced_grid(self, grid: Tuple[int, int]) -> Tuple[int, int]:
+        """The token grid of the sub-sampled keys: (H // sr, W // sr)."""
         return grid[0] // self.sr_ratio, grid[1] // self.sr_ratio
 
     def forward(self, x: torch.Tensor, grid: Tuple[int, int], rope: RopeTables = None,

@@ -62,6 +62,7 @@ class MeanTokenHead(nn.Module):
     """No classifier: the mean token. x (B, N, D) -> (B, D) (a head pruned away, timm's prune_head)."""
 
     def reset_classifier(self, num_classes: int) -> None:
+        """A pruned head takes no classifier (0 only)."""
         if num_classes:
             raise ValueError("a pruned head has no classifier; build the model again to classify")
 

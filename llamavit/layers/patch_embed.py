@@ -31,13 +31,16 @@ class PatchEmbed(nn.Module):
 
     @property
     def grid_size(self) -> Tuple[int, int]:
+        """Patch grid (rows, cols) at the construction size."""
         return self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1]
 
     @property
     def num_patches(self) -> int:
+        """Patches at the construction size."""
         return self.grid_size[0] * self.grid_size[1]
 
     def check_input(self, x: torch.Tensor) -> None:
+        """Raise ValueError unless x is (B, in_chans, H, W) with H, W positive multiples of the patch."""
         check_images(x, self.in_chans)
         h, w = x.shape[-2:]
         ph, pw = self.patch_size

@@ -22,6 +22,7 @@ _LLAMA_CLASSES = ("LlamaForCausalLM", "LlamaModel")
 
 
 def is_hf_dir(path: str) -> bool:
+    """Whether path is a Hugging Face model directory (config.json + safetensors)."""
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
 
 

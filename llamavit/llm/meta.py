@@ -19,6 +19,7 @@ _REPLICATED = ("attention_norm.weight", "ffn_norm.weight")
 
 
 def is_meta_dir(path: str) -> bool:
+    """Whether path is a Meta checkpoint directory (params.json + consolidated.*.pth)."""
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, "params.json"))
 
 

@@ -25,6 +25,7 @@ from .common import ClassifierContract, TokenTrunk
 
 @dataclass
 class AIMConfig:
+    """AIM v1 hyper-parameters (timm names); the official sizes are registered by name."""
     img_size: Union[int, Tuple[int, int]] = 224
     patch_size: int = 14
     in_chans: int = 3

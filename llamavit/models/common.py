@@ -64,23 +64,27 @@ class TokenTrunk:
 
     A model implements `embed(x, attn_mask) -> (tokens (B, N, D), attn_args, grid)` (patch embedding,
     extra tokens, positions, RoPE tables, the mask) and may override `final_layers()` (the block
-    outputs its features are made of; default the last) and `finish(outputs)` (default: the final norm
-    of the last output). `num_prefix_tokens` / `num_suffix_tokens` count the extra tokens before / after
+    outputs its features are made of; default the last) and `finish(outputs, attn_mask)` (default: the
+    final norm of the last output). `num_prefix_tokens` / `num_suffix_tokens` count the extra tokens before / after
     the patches; `forward_intermediates` drops them and returns patch maps.
     """
 
     num_suffix_tokens = 0
 
     def trunk_blocks(self) -> nn.ModuleList:
+        """The blocks the tokens go through, in order."""
         return self.blocks
 
     def final_layers(self) -> Tuple[int, ...]:
+        """The block indices forward_features is made of (default: the last)."""
         return (len(self.trunk_blocks()) - 1,)
 
     def finish(self, outputs: Dict[int, torch.Tensor], attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Block outputs {index: (B, N, D)} of final_layers() -> forward_features' tokens (B, N, D)."""
         return self.norm(outputs[max(outputs)])
 
     def intermediate_norm(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The norm forward_intermediates(norm=True) applies: (B, N, D) -> (B, N, D)."""
         return self.norm(tokens)
 
     def run_trunk(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], keep: Set[int],
@@ -141,13 +145,16 @@ class TokenTrunk:
         return take
 
     def prune_blocks(self, keep: int) -> None:
+        """Keep the first `keep` blocks."""
         self.blocks = self.blocks[:keep]
 
     def patch_grid(self, x: torch.Tensor) -> Tuple[int, int]:
+        """The patch grid (rows, cols) of images x (B, C, H, W)."""
         ph, pw = self.patch_embed.patch_size
         return x.shape[-2] // ph, x.shape[-1] // pw
 
     def feature_info_of(self, blocks: Sequence, reduction: int) -> List[dict]:
+        """timm's feature_info: one entry per block, its width and stride."""
         return [{"num_chs": self.embed_dim, "reduction": reduction, "module": f"blocks.{i}"}
                 for i in range(len(blocks))]
 

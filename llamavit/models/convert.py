@@ -53,6 +53,7 @@ def read_state_dict(path: str, state_keys: Sequence[str] = ("model", "state_dict
 
 
 def keys_report(names, limit: int = _SHOW) -> str:
+    """Sorted key names joined for a message, the first `limit` and a count of the rest."""
     names = sorted(names)
     more = f" … (+{len(names) - limit} more)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more

@@ -42,6 +42,7 @@ BLOCK_TYPES = ("dit", "llama")
 
 @dataclass
 class DiTConfig:
+    """DiT / DiT-LLaMA hyper-parameters; the official sizes are registered by name."""
     img_size: int = 32                 # grid side in input pixels (ImageNet 256 -> 32x32 VAE latents)
     patch_size: int = 2
     in_chans: int = 4

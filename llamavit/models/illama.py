@@ -36,6 +36,7 @@ POS_EMBEDS = ("learned", "none")
 
 @dataclass
 class ILLaMAConfig:
+    """iLLaMA hyper-parameters (timm names) and the switches between a ViT and iLLaMA (module docstring)."""
     img_size: Union[int, Tuple[int, int]] = 224
     patch_size: int = 16
     in_chans: int = 3
@@ -69,6 +70,7 @@ class ILLaMAConfig:
 
 
 def build_norm(cfg: ILLaMAConfig) -> nn.Module:
+    """The configured norm over embed_dim: RMSNorm or LayerNorm."""
     return RMSNorm(cfg.embed_dim, eps=cfg.norm_eps) if cfg.norm == "rmsnorm" else nn.LayerNorm(cfg.embed_dim,
                                                                                                  eps=cfg.norm_eps)
 

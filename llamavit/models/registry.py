@@ -165,11 +165,13 @@ def list_models(pattern: str = "*") -> List[str]:
 
 
 def model_family(name: str) -> str:
+    """The family a registered name belongs to ('illama', 'aim', ...)."""
     check_model_name(name)
     return MODEL_FAMILY[name]
 
 
 def check_model_name(name: str) -> None:
+    """Raise ValueError, with close names, unless the name is registered."""
     if name not in MODEL_FAMILY:
         close = difflib.get_close_matches(name, list(MODEL_FAMILY), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else "; `llamavit models` lists them"

@@ -23,6 +23,7 @@ RopeTables = Tuple[torch.Tensor, torch.Tensor]
 
 @dataclass
 class VisionLLaMAConfig:
+    """Plain VisionLLaMA hyper-parameters (timm names); the official sizes are registered by name."""
     img_size: Union[int, Tuple[int, int]] = 224
     patch_size: int = 16
     in_chans: int = 3

@@ -23,6 +23,7 @@ from .visionllama import build_block, convert_official  # the same block and off
 
 @dataclass
 class VisionLLaMAPyramidConfig:
+    """Pyramid VisionLLaMA hyper-parameters, per stage (timm's Twins names)."""
     img_size: Union[int, Tuple[int, int]] = 224
     patch_size: int = 4
     in_chans: int = 3
@@ -142,6 +143,7 @@ class VisionLLaMAPyramid(ClassifierContract, nn.Module):
 
     # --- forward -------------------------------------------------------------------------------
     def check_input(self, x: torch.Tensor) -> None:
+        """Raise ValueError unless every stage and its key sub-sampling keep a token at this input size."""
         check_images(x, self.in_chans)
         h, w = x.shape[-2:]
         smallest = max(stride * sr for stride, sr in zip(self.strides, self.cfg.sr_ratios))

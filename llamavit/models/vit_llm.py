@@ -42,6 +42,7 @@ RANDOM = "random"
 
 @dataclass
 class ViTLLMConfig:
+    """The ViT's hyper-parameters (timm names) and where its frozen LLM block comes from."""
     img_size: Union[int, Tuple[int, int]] = 224
     patch_size: int = 16
     in_chans: int = 3

@@ -20,6 +20,7 @@ from .targets import freeze_unreached, normalized_targets, patchify
 
 @dataclass
 class MAEDecoderConfig:
+    """MAE's light decoder: width, depth, and the fraction of patches hidden from the encoder."""
     dim: int = 256
     depth: int = 4
     mask_ratio: float = 0.75

@@ -28,6 +28,7 @@ LATEST = "latest"
 
 
 def atomic_write_text(path: str, text: str) -> None:
+    """Write text to path through a temporary file and a rename: never half-written."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
@@ -90,6 +91,7 @@ def resolve_checkpoint(path: str) -> str:
 
 
 def latest_checkpoint(run_dir: str) -> Optional[str]:
+    """The newest complete checkpoint of a run directory, or None."""
     latest = os.path.join(run_dir, "checkpoints", LATEST)
     if not os.path.isfile(latest):
         return None
@@ -108,6 +110,7 @@ def read_meta(path: str) -> Dict[str, Any]:
 
 
 def load_training_state(ckpt_dir: str) -> Dict[str, Any]:
+    """state.pt of a checkpoint (step, optimiser, config), read with weights_only=True."""
     path = os.path.join(ckpt_dir, STATE_NAME)
     if not os.path.isfile(path):
         raise CheckpointError(f"{ckpt_dir} has no {STATE_NAME}: it is not a resumable training checkpoint")

@@ -18,6 +18,7 @@ class Options:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]):
+        """The config from a mapping; unknown names are refused by name."""
         valid = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - valid)
         if unknown:
@@ -30,6 +31,7 @@ class Options:
         return cls.from_dict({**(defaults or {}), **yaml_values(path), **overrides})
 
     def to_dict(self) -> Dict[str, Any]:
+        """The config as a plain dict (JSON-able)."""
         return dataclasses.asdict(self)
 
     def _require_positive(self, *names: str) -> None:

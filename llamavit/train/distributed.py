@@ -21,6 +21,7 @@ from ..models.dit_llama import AdaLNBlock
 
 @dataclass
 class DistEnv:
+    """This process's place in a torchrun job (one process: rank 0 of 1) and its device."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -79,6 +80,7 @@ def all_reduce_sum(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
 
 
 def barrier(env: DistEnv) -> None:
+    """Wait for every rank (a no-op in one process)."""
     if env.distributed:
         dist.barrier()
 

@@ -34,6 +34,7 @@ OBJECTIVES = ("ddpm", "flow")
 
 @dataclass
 class GenerateConfig(LoopConfig):
+    """Options of `llamavit generate train` (with the step loop's, LoopConfig)."""
     _kind = "generation"
     model: str = "dit_llama_s_2"
     model_kwargs: Dict[str, Any] = field(default_factory=dict)

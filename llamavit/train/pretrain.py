@@ -37,6 +37,7 @@ MAE_DEFAULTS = {"decoder_dim": 256, "decoder_depth": 4, "scale": (0.2, 1.0), "co
 
 @dataclass
 class PretrainConfig(LoopConfig):
+    """Options of `llamavit pretrain aim|mae` (with the step loop's, LoopConfig)."""
     _kind = "pre-training"
     objective: str = "aim"                 # 'aim' (next-patch regression) | 'mae' (masked reconstruction)
     # model

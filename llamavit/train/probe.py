@@ -33,6 +33,7 @@ HEADS = ("attentive", "linear")
 
 @dataclass
 class ProbeConfig(LoopConfig):
+    """Options of `llamavit probe` (with the step loop's, LoopConfig)."""
     _kind = "probe"
     checkpoint: Optional[str] = None        # llamavit run/checkpoint, or an official file with --model
     model: Optional[str] = None             # model name (default: the checkpoint's); alone = random trunk

@@ -288,6 +288,7 @@ class StepLoop:
         return record
 
     def check_finite(self, what: str, value: float) -> None:
+        """Raise NonFiniteLossError (the last good checkpoint is kept) unless value is finite."""
         if not math.isfinite(value):
             where = os.path.join(self.cfg.output, "checkpoints")
             raise NonFiniteLossError(f"{what} is {value} at step {self.step}; training stopped, nothing was saved "
@@ -340,6 +341,7 @@ class StepLoop:
         return int(state["step"])
 
     def try_resume(self) -> bool:
+        """Restore the run directory's latest checkpoint and cut the log back to it; -> whether there was one."""
         ckpt = latest_checkpoint(self.cfg.output)
         if ckpt is None:
             return False
@@ -352,6 +354,7 @@ class StepLoop:
         return True
 
     def log(self, record: Dict[str, Any]) -> None:
+        """Append a record to the history and (rank 0) to log.jsonl."""
         self.history.append(record)
         if self.is_main:
             with open(self.log_path, "a") as f:
@@ -359,6 +362,7 @@ class StepLoop:
 
     # --- the loop -------------------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
+        """Train to the end (or max_steps / the time limit), checkpointing on the way; -> the summary."""
         cfg, main = self.cfg, self.is_main
         os.makedirs(cfg.output, exist_ok=True)
         resumed = cfg.resume and self.try_resume()

@@ -23,6 +23,7 @@ from .step_loop import StepLoop
 
 
 def transform_config(cfg: TrainConfig) -> TransformConfig:
+    """The image transform of a training config (Fashion-MNIST's statistics by default for it)."""
     mean, std = cfg.mean, cfg.std
     if cfg.data == "fashion_mnist" and mean is None:
         mean, std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
