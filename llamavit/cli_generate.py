@@ -57,10 +57,12 @@ def add_generate_parser(sub) -> None:
 
 def _load(args):
     from .train import model_from_checkpoint, read_meta
+    from .train.checkpoint import has_ema
     meta = read_meta(args.checkpoint)
     if "objective" not in meta or meta.get("objective") not in ("ddpm", "flow"):
         raise ValueError(f"{args.checkpoint} is not a `llamavit generate train` checkpoint")
-    model = model_from_checkpoint(args.checkpoint, use_ema=not args.no_ema).to(args.device)
+    model = model_from_checkpoint(args.checkpoint, use_ema=not args.no_ema and has_ema(args.checkpoint))
+    model = model.to(args.device)
     return model, meta
 
 

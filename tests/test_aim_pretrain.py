@@ -171,7 +171,7 @@ def test_nan_loss_stops_pretraining_and_keeps_the_last_good_checkpoint(tmp_path)
 
     trainer.objective.forward = nan_from_step_3
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 3; training stopped, nothing was saved after "
-                                                 r"the last good checkpoint in .*checkpoints"):
+                                                 r"the last good checkpoint, .*checkpoints/step-00000002"):
         trainer.fit()
     saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert saved == ["step-00000002"]

@@ -126,6 +126,19 @@ def model_from_checkpoint(path: str, use_ema: bool = False, **overrides) -> nn.M
                               f"checkpoint_path=...) for official or plain weight files")
     model = create_model(meta["model"], **{**meta.get("model_kwargs", {}), **overrides})
     weights = ckpt
-    if use_ema and os.path.isdir(ckpt) and os.path.isfile(os.path.join(ckpt, EMA_NAME)):
+    if use_ema:
+        if not has_ema(ckpt):
+            raise CheckpointError(f"{path} has no EMA weights (the run was trained without --ema-decay): drop --ema")
         weights = os.path.join(ckpt, EMA_NAME)
-    return load_checkpoint(model, weights)
+    model = load_checkpoint(model, weights)
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise CheckpointError(f"{weights} holds NaN or infinite weights ({', '.join(bad[:3])}"
+                              f"{' …' if len(bad) > 3 else ''}): the run diverged; use an earlier checkpoint")
+    return model
+
+
+def has_ema(path: str) -> bool:
+    """Whether a llamavit checkpoint (run or checkpoint directory) holds EMA weights."""
+    ckpt = resolve_checkpoint(path)
+    return os.path.isdir(ckpt) and os.path.isfile(os.path.join(ckpt, EMA_NAME))

@@ -290,9 +290,14 @@ class StepLoop:
     def check_finite(self, what: str, value: float) -> None:
         """Raise NonFiniteLossError (the last good checkpoint is kept) unless value is finite."""
         if not math.isfinite(value):
-            where = os.path.join(self.cfg.output, "checkpoints")
-            raise NonFiniteLossError(f"{what} is {value} at step {self.step}; training stopped, nothing was saved "
-                                     f"after the last good checkpoint in {where}")
+            raise NonFiniteLossError(f"{what} is {value} at step {self.step}; training stopped, {self._kept()}")
+
+    def _kept(self) -> str:
+        """What is left to resume from, for the non-finite stops."""
+        latest = latest_checkpoint(self.cfg.output)
+        if latest is None:
+            return "before any checkpoint was written (lower the learning rate and start again)"
+        return f"nothing was saved after the last good checkpoint, {latest}"
 
     def _check_weights_finite(self) -> None:
         """Before a checkpoint: a finite loss can still come with an update that made the weights non-finite."""
@@ -300,8 +305,7 @@ class StepLoop:
                   for p in self.module.parameters() if p.is_floating_point())
         if all_reduce_sum(torch.tensor([float(bad)], dtype=torch.float64), self.env).item():
             raise NonFiniteLossError(f"the weights became NaN or infinite at step {self.step} (is the learning rate "
-                                     f"too high?); training stopped and kept the last good checkpoint in "
-                                     f"{os.path.join(self.cfg.output, 'checkpoints')}")
+                                     f"too high?); training stopped, {self._kept()}")
 
     # --- checkpoints ----------------------------------------------------------------------------
     def save(self) -> str:
