@@ -83,3 +83,69 @@ def test_diverging_weights_keep_the_last_finite_checkpoint_and_resume_says_so_ag
     code, _, err = run(capsys, *args, "--resume")   # the same step breaks the same way: said again, nothing lost
     assert code == 2 and "the weights became NaN or infinite at step 2" in one_line_error(err, "train")
     assert sorted(os.listdir(os.path.join(tmp_path, "r", "checkpoints"))) == ["latest", "step-00000001"]
+
+
+# --- ImageFolder trees: no silent fallback, classes matched by name -----------------------------------------
+def image_tree(root, splits=("train", "val"), classes=("class_0", "class_1", "class_2", "class_3"), per_class=8):
+    """An ImageFolder tree of synthetic 28x28 images: <root>/<split>/<class>/*.png (splits=() -> class folders)."""
+    from llamavit.data import SyntheticImages
+    images = SyntheticImages(num_samples=4 * per_class, num_classes=4, img_size=28)
+    for split in splits or ("",):
+        for i in range(len(images)):
+            image, label = images[i]
+            name = f"class_{label}"
+            if name in classes:
+                folder = root / split / name
+                folder.mkdir(parents=True, exist_ok=True)
+                image.save(folder / f"{i:03d}.png")
+    return root
+
+
+FOLDER_ARGS = ["--model", "illama_tiny_patch16_224", "--model-kwargs", "patch_size=4", "embed_dim=32", "depth=2",
+               "num_heads=2", "--img-size", "28", "--in-chans", "1", "--batch-size", "8", "--no-progress"]
+
+
+@pytest.mark.parametrize("tree,message", [
+    ({"splits": ("train",)}, "has train/ but no val/: an ImageFolder tree for training holds"),
+    ({"splits": ()}, "holds class folders only: training reads"),
+    ({"splits": ("train", "val"), "classes": ("class_0",)},
+     "has 1 class (['class_0']): a classifier needs at least two"),
+])
+def test_training_refuses_trees_without_a_real_validation_split(tmp_path, capsys, tree, message):
+    root = image_tree(tmp_path / "data", **tree)
+    code, _, err = run(capsys, "train", *FOLDER_ARGS, "--data", root, "--epochs", "1", "--output", tmp_path / "r")
+    assert code == 2 and message in one_line_error(err, "train")
+
+
+def test_a_validation_set_lacking_a_class_is_refused(tmp_path, capsys):
+    root = image_tree(tmp_path / "data")
+    for png in (root / "val" / "class_2").iterdir():
+        png.unlink()
+    (root / "val" / "class_2").rmdir()
+    code, _, err = run(capsys, "train", *FOLDER_ARGS, "--data", root, "--epochs", "1", "--output", tmp_path / "r")
+    assert code == 2 and "the validation set of" in err and "has other classes than expected (missing ['class_2'])" \
+        in one_line_error(err, "train")
+
+
+def test_eval_numbers_another_sets_classes_as_the_model_does(tmp_path, capsys):
+    import llamavit
+    from llamavit.eval.loaders import eval_loader
+    from llamavit.train import model_from_checkpoint
+    root = image_tree(tmp_path / "data")
+    assert main(["train", *FOLDER_ARGS, "--data", str(root), "--epochs", "2", "--output", str(tmp_path / "r")]) == 0
+    capsys.readouterr()
+    # a class-folders-only set with two of the four classes: ImageFolder numbers them 0 and 1
+    subset = image_tree(tmp_path / "two", splits=(), classes=("class_1", "class_3"))
+    loader, _, n = eval_loader(str(tmp_path / "r"), str(subset))
+    labels = torch.cat([y for _, y in loader])
+    assert n == 16 and sorted(set(labels.tolist())) == [1, 3]     # the model's indices, by name
+    model = model_from_checkpoint(str(tmp_path / "r")).eval()
+    with torch.no_grad():
+        expected = llamavit.eval.evaluate(model, loader)["top1"]
+    code, out, _ = run(capsys, "eval", "--checkpoint", tmp_path / "r", "--data", subset)
+    assert code == 0 and f"top-1 {expected:.2f}%" in out
+    unknown = image_tree(tmp_path / "other", splits=(), classes=("class_1",))
+    (unknown / "zebra").mkdir()
+    next((unknown / "class_1").iterdir()).rename(unknown / "zebra" / "z.png")
+    code, _, err = run(capsys, "eval", "--checkpoint", tmp_path / "r", "--data", unknown)
+    assert code == 2 and "has classes the model does not know: ['zebra']" in one_line_error(err, "eval")

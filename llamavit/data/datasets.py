@@ -1,13 +1,14 @@
 """Datasets: Fashion-MNIST from the Debian package, ImageFolder directories, and a synthetic set.
 
 `build_dataset(name, split, transform)` is the one entry point: `name` is 'fashion_mnist',
-'synthetic', or a path to an ImageFolder tree (`<path>/<split>/<class>/*.png`, or `<path>/<class>/*`
-when the split folder is absent).
+'synthetic', a shard directory, or a path to an ImageFolder tree: `<path>/train/<class>/*` and
+`<path>/val/<class>/*` (both required once one exists), or `<path>/<class>/*` (class folders only: a set to
+evaluate on, not to train). Class lists are compared by name (`check_classes`, `ClassesAs`).
 """
 import gzip
 import os
 import shutil
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
@@ -103,11 +104,57 @@ def build_dataset(name: str, split: str = "train", transform: Optional[Callable]
                                transform=transform)
     if not os.path.isdir(name):
         raise DatasetError(f"dataset {name!r} is neither 'fashion_mnist', 'synthetic' nor an existing directory")
-    root = os.path.join(name, split) if os.path.isdir(os.path.join(name, split)) else name
+    return image_folder(name, split, transform)
+
+
+def has_splits(path: str) -> bool:
+    """Whether an ImageFolder tree is split (holds train/ or val/), as opposed to class folders only."""
+    return any(os.path.isdir(os.path.join(path, s)) for s in ("train", "val"))
+
+
+def image_folder(path: str, split: str, transform: Optional[Callable] = None) -> Dataset:
+    """torchvision's ImageFolder of `<path>/<split>/<class>/*`, or of `<path>/<class>/*` when the tree has no
+    split folders (a set to evaluate on). A split tree must hold the split asked for: no silent fallback."""
+    root = path
+    if has_splits(path):
+        root = os.path.join(path, split)
+        if not os.path.isdir(root):
+            other = "val" if split == "train" else "train"
+            raise DatasetError(f"{path} has {other}/ but no {split}/: an ImageFolder tree for training holds "
+                               f"{path}/train/<class>/* and {path}/val/<class>/* with the same classes")
     try:
         return tvd.ImageFolder(root, transform=transform)
     except (FileNotFoundError, RuntimeError) as e:
         raise DatasetError(f"cannot read image folder {root}: {e}") from e
+
+
+def check_classes(classes: Sequence[str], expected: Sequence[str], what: str) -> None:
+    """Raise DatasetError unless `classes` are `expected` (names and order), naming what differs."""
+    if list(classes) == list(expected):
+        return
+    missing, extra = sorted(set(expected) - set(classes)), sorted(set(classes) - set(expected))
+    detail = "; ".join(p for p in (f"missing {missing}" if missing else "", f"unexpected {extra}" if extra else "")
+                       if p) or f"another order: {list(classes)} vs {list(expected)}"
+    raise DatasetError(f"{what} has other classes than expected ({detail})")
+
+
+class ClassesAs(Dataset):
+    """`dataset` with its labels renumbered to the order of `classes` (by name): a set that holds some of a
+    model's classes, in its own order, evaluated with the model's indices. Unknown classes are refused."""
+
+    def __init__(self, dataset: Dataset, classes: Sequence[str], what: str = "the dataset"):
+        unknown = sorted(set(dataset.classes) - set(classes))
+        if unknown:
+            raise DatasetError(f"{what} has classes the model does not know: {unknown} (the model's: {list(classes)})")
+        self.dataset, self.classes = dataset, list(classes)
+        self.index = [self.classes.index(c) for c in dataset.classes]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        image, label = self.dataset[i]
+        return image, self.index[label]
 
 
 def is_latents_file(data: str) -> bool:

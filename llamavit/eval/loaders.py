@@ -3,7 +3,7 @@ from typing import Optional, Tuple
 
 from torch.utils.data import DataLoader, Subset
 
-from ..data import TransformConfig, build_dataset, build_transform
+from ..data import ClassesAs, TransformConfig, build_dataset, build_transform
 from ..train.checkpoint import load_training_state, read_meta, resolve_checkpoint
 
 
@@ -23,12 +23,16 @@ def training_data(checkpoint: str) -> str:
 def eval_loader(checkpoint: str, data: Optional[str] = None, subset: int = 0, batch_size: int = 256,
                 split: str = "val") -> Tuple[DataLoader, str, int]:
     """(loader of (images, labels), dataset name, image count): `split` of `data` (default: the dataset the
-    checkpoint was trained on) through the checkpoint's evaluation transform, in order; `subset` > 0 keeps
+    checkpoint was trained on) through the checkpoint's evaluation transform, in order, labels numbered as
+    the model's classes (matched by name; a class the model does not know is refused); `subset` > 0 keeps
     the first N images."""
     tcfg = checkpoint_transform(checkpoint)
     data = data or training_data(checkpoint)
     ds = build_dataset(data, split, build_transform(tcfg, is_training=False), img_size=tcfg.img_size,
                        in_chans=tcfg.in_chans)
+    classes = read_meta(checkpoint).get("classes")
+    if classes and list(ds.classes) != list(classes):   # labels as the model numbers them, matched by name
+        ds = ClassesAs(ds, classes, f"{data} ({split})")
     if subset:
         ds = Subset(ds, range(min(subset, len(ds))))
     return DataLoader(ds, batch_size=batch_size, shuffle=False), data, len(ds)

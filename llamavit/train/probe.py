@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Subset, TensorDataset
 from tqdm import tqdm
 
-from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, TransformConfig, build_dataset, build_transform
+from ..data import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, TransformConfig, build_dataset, build_transform,
+                    check_classes)
 from ..layers import AttentivePoolingHead, LinearProbeHead
 from ..models import create_model, load_backbone
 from .checkpoint import read_meta, resolve_checkpoint
@@ -124,6 +125,7 @@ class Prober(StepLoop):
         val_set = build_dataset(cfg.data, "val", _transform(cfg, self.model_kwargs, False),
                                 img_size=self.model_kwargs.get("img_size", 224), seed=cfg.seed)
         self.classes = list(train_set.classes)
+        check_classes(val_set.classes, self.classes, f"the validation set of {cfg.data}")
         if cfg.train_subset:
             train_set = Subset(train_set, range(min(cfg.train_subset, len(train_set))))
         if cfg.val_subset:

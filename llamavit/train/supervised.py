@@ -12,7 +12,8 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
-from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, TransformConfig, build_dataset, build_transform
+from ..data import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, DatasetError, TransformConfig, build_dataset,
+                    build_transform, check_classes, has_splits, is_shard_dir)
 from ..eval.metrics import evaluate
 from ..models import create_model, load_checkpoint
 from .config import TrainConfig
@@ -36,9 +37,15 @@ def build_datasets(cfg: TrainConfig):
     """(train, val) datasets with timm transforms; val is None when the data has no held-out split."""
     tcfg = transform_config(cfg)
     extra = {"img_size": cfg.img_size, "in_chans": cfg.in_chans, "seed": cfg.seed}
+    if os.path.isdir(cfg.data) and not is_shard_dir(cfg.data) and not has_splits(cfg.data):
+        raise DatasetError(f"{cfg.data} holds class folders only: training reads {cfg.data}/train/<class>/* and "
+                           f"validates on {cfg.data}/val/<class>/*")
     train = build_dataset(cfg.data, "train", build_transform(tcfg, True), **extra)
     val = build_dataset(cfg.data, "val", build_transform(tcfg, False), **extra)
     classes = list(train.classes)
+    if len(classes) < 2:
+        raise DatasetError(f"{cfg.data} has {len(classes)} class ({classes}): a classifier needs at least two")
+    check_classes(val.classes, classes, f"the validation set of {cfg.data}")
     if isinstance(train, IterableDataset) and (cfg.train_subset or cfg.val_subset):
         raise ValueError("train_subset / val_subset need an indexable dataset; shards are streamed whole")
     if cfg.train_subset:
