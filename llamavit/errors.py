@@ -17,10 +17,14 @@ class ImageReadError(ValueError):
     """An image file that cannot be opened or decoded."""
 
 
+class RunDirectoryBusy(RuntimeError):
+    """Another run holds the run directory."""
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss or the weights became NaN or infinite; training stopped and kept the last good checkpoint."""
 
 
 # what `llamavit` reports in one line (ValueError and TypeError cover bad options and LLM files)
-USER_ERRORS = (CheckpointError, DatasetError, ImageReadError, NonFiniteLossError, ValueError, TypeError,
-               FileNotFoundError)
+USER_ERRORS = (CheckpointError, DatasetError, ImageReadError, NonFiniteLossError, RunDirectoryBusy, ValueError,
+               TypeError, FileNotFoundError)

@@ -149,3 +149,33 @@ def test_eval_numbers_another_sets_classes_as_the_model_does(tmp_path, capsys):
     next((unknown / "class_1").iterdir()).rename(unknown / "zebra" / "z.png")
     code, _, err = run(capsys, "eval", "--checkpoint", tmp_path / "r", "--data", unknown)
     assert code == 2 and "has classes the model does not know: ['zebra']" in one_line_error(err, "eval")
+
+
+# --- one run per directory ------------------------------------------------------------------------------
+def test_a_second_run_into_a_busy_directory_is_refused_and_a_killed_run_frees_it(tmp_path, capsys):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from llamavit.train.checkpoint import latest_checkpoint
+    out = tmp_path / "r"
+    args = ["train", *TINY, "--epochs", "400", "--ckpt-every", "20", "--output", str(out)]
+    first = subprocess.Popen([sys.executable, "-m", "llamavit.cli", *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        lock = out / ".lock"
+        deadline = time.time() + 60
+        while not (lock.is_file() and lock.read_text() and latest_checkpoint(str(out))) and time.time() < deadline:
+            time.sleep(0.1)
+        assert lock.read_text().startswith(f"pid {first.pid} on ")
+        code, _, err = run(capsys, *args)                      # a fresh run would move the first one's files
+        assert code == 2 and f"is in use by another run (pid {first.pid} on " in one_line_error(err, "train")
+        code, _, err = run(capsys, *args, "--resume")
+        assert code == 2 and "is in use by another run" in err
+        assert first.poll() is None                            # the first run goes on, untouched
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    step = int(os.path.basename(latest_checkpoint(str(out))).split("-")[1])
+    code, out_text, _ = run(capsys, *args, "--resume", "--max-steps", step + 2)   # the dead run's lock is gone
+    assert code == 0 and '"resumed": true' in out_text and not (out / ".lock").read_text()

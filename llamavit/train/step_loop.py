@@ -26,11 +26,13 @@ with `fsdp`); rank 0 alone writes logs and checkpoints; checkpoints hold full (g
 run resumes on any world size, with or without FSDP.
 """
 import contextlib
+import fcntl
 import itertools
 import json
 import math
 import os
 import random
+import socket
 import time
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -44,7 +46,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Tens
 from tqdm import tqdm
 
 from ..data.seeding import mix_seed
-from ..errors import CheckpointError, NonFiniteLossError
+from ..errors import CheckpointError, NonFiniteLossError, RunDirectoryBusy
 from ..models import load_checkpoint, read_state_dict
 from .checkpoint import EMA_NAME, WEIGHTS_NAME, latest_checkpoint, load_training_state, save_checkpoint
 from .config import LoopConfig
@@ -78,6 +80,39 @@ def seed_everything(seed: int) -> None:
     # the CPU generator alone: torch.manual_seed also reseeds every accelerator and costs ~90 us,
     # too much to pay once per sample
     torch.random.default_generator.manual_seed(seed)
+
+
+class RunDirectoryLock:
+    """An exclusive lock on a run directory for the life of a run (`<output>/.lock`, an flock: the kernel drops
+    it when the process ends, even by SIGKILL, so a dead run never blocks the next). A second run into the same
+    directory is refused in one line naming the holder."""
+
+    NAME = ".lock"
+
+    def __init__(self, output: str):
+        self.path, self.fd = os.path.join(output, self.NAME), None
+
+    def __enter__(self) -> "RunDirectoryLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunDirectoryBusy(f"{os.path.dirname(self.path)} is in use by another run ({holder}): wait for it "
+                                   f"to end, or train into another --output") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                 .encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
 
 
 class SeededAugmentation(Dataset):
@@ -366,9 +401,14 @@ class StepLoop:
 
     # --- the loop -------------------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
-        """Train to the end (or max_steps / the time limit), checkpointing on the way; -> the summary."""
+        """Train to the end (or max_steps / the time limit), checkpointing on the way; -> the summary.
+        Rank 0 holds the run directory's lock throughout: a second run into it is refused."""
+        os.makedirs(self.cfg.output, exist_ok=True)
+        with RunDirectoryLock(self.cfg.output) if self.is_main else contextlib.nullcontext():
+            return self._fit()
+
+    def _fit(self) -> Dict[str, Any]:
         cfg, main = self.cfg, self.is_main
-        os.makedirs(cfg.output, exist_ok=True)
         resumed = cfg.resume and self.try_resume()
         if main:
             moved = None if resumed else set_aside_earlier_run(cfg.output)
