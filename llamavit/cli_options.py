@@ -48,6 +48,7 @@ HELP = {
     "output": "run directory (checkpoints, log.jsonl, curves.png, summary.json)",
     "seed": "random seed (data order, augmentation, dropout)",
     "resume": "continue from the run directory's latest checkpoint, exactly",
+    "allow_config_change": "with --resume: go on with options other than the run's (refused otherwise; logged)",
     "max_steps": "stop after N steps (the schedule still spans --epochs; resume continues it)",
     "log_every": "log every N steps", "ckpt_every": "also checkpoint every N steps",
     "eval_every": "evaluate every N epochs", "keep_checkpoints": "how many checkpoints to keep",

@@ -179,3 +179,47 @@ def test_a_second_run_into_a_busy_directory_is_refused_and_a_killed_run_frees_it
     step = int(os.path.basename(latest_checkpoint(str(out))).split("-")[1])
     code, out_text, _ = run(capsys, *args, "--resume", "--max-steps", step + 2)   # the dead run's lock is gone
     assert code == 0 and '"resumed": true' in out_text and not (out / ".lock").read_text()
+
+
+# --- resume: the same run, or a change said out loud ------------------------------------------------------
+def test_resume_refuses_changed_options_unless_allowed_and_then_logs_them(tmp_path, capsys):
+    import json
+    base = ["train", *TINY, "--epochs", "2", "--output", tmp_path / "r"]
+    assert run(capsys, *base, "--max-steps", "3")[0] == 0
+    code, _, err = run(capsys, *base, "--resume", "--lr", "0.002", "--epochs", "3")
+    assert code == 2 and "--resume with other options than the run in" in one_line_error(err, "train")
+    assert "epochs 2 -> 3, lr 0.001 -> 0.002" in err and "--allow-config-change" in err
+    # what does not change the numbers may change: max steps, logging, checkpoint cadence
+    assert run(capsys, *base, "--resume", "--max-steps", "5", "--log-every", "1", "--ckpt-every", "1")[0] == 0
+    assert run(capsys, *base, "--resume", "--lr", "0.002", "--allow-config-change")[0] == 0
+    with open(tmp_path / "r" / "log.jsonl") as f:
+        changes = [r for r in map(json.loads, f) if "config_change" in r]
+    assert changes == [{"step": 5, "config_change": {"lr": [0.001, 0.002]}}]
+
+
+def test_resume_is_log_exact_with_the_default_log_interval(tmp_path, capsys):
+    import json
+    # 4 steps per epoch, a log record every 3 steps: the epoch-end checkpoint falls inside a log window
+    base = ["train", *TINY, "--epochs", "3", "--log-every", "3"]
+    assert run(capsys, *base, "--output", tmp_path / "whole")[0] == 0
+    assert run(capsys, *base, "--output", tmp_path / "cut", "--max-steps", "5")[0] == 0
+    assert run(capsys, *base, "--output", tmp_path / "cut", "--resume")[0] == 0
+
+    def records(name):
+        with open(tmp_path / name / "log.jsonl") as f:
+            return [{k: v for k, v in r.items() if k != "img_per_s"} for r in map(json.loads, f)]
+    assert records("cut") == records("whole")
+
+
+def test_eval_reproduces_the_validation_logged_mid_schedule(tmp_path, capsys):
+    import json
+    # the soft mask decays over 4 epochs, training stops after 2: the checkpoint's rate is about 0.5
+    out = tmp_path / "r"
+    assert run(capsys, "train", *TINY, "--epochs", "2", "--soft-mask", "linear", "--soft-mask-epochs", "4",
+               "--output", out)[0] == 0
+    with open(out / "log.jsonl") as f:
+        logged = [r for r in map(json.loads, f) if "val_top1" in r][-1]
+    code, text, _ = run(capsys, "eval", "--checkpoint", out)
+    assert code == 0 and f"top-1 {logged['val_top1']:.2f}%" in text and f"loss {logged['val_loss']:.4f}" in text
+    from llamavit.train import model_from_checkpoint
+    assert 0.4 < model_from_checkpoint(str(out)).soft_mask_rate < 0.6

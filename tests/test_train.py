@@ -1,4 +1,5 @@
 """The training loop: schedules, optimiser groups, exact resume, atomic checkpoints, NaN handling, learning."""
+import dataclasses
 import json
 import os
 
@@ -179,6 +180,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 def test_resume_refuses_another_models_checkpoint(tmp_path):
     train(tiny_cfg(tmp_path, "a", epochs=1))
     other = tiny_cfg(tmp_path, "a", epochs=1, resume=True, model_kwargs={**TINY, "embed_dim": 48})
+    with pytest.raises(ValueError, match=r"--resume with other options than the run in .* \(model_kwargs "):
+        Trainer(other).fit()
+    other = dataclasses.replace(other, allow_config_change=True)   # let through: the weights still cannot fit
     with pytest.raises(CheckpointError, match="shape mismatch: blocks.0.attn.proj.bias"):
         Trainer(other).fit()
 

@@ -81,6 +81,7 @@ class LoopConfig(Options):
     output: str = "runs/train"
     seed: int = 0
     resume: bool = False
+    allow_config_change: bool = False      # --resume with other options than the run's (logged); else refused
     max_steps: int = 0                     # >0: stop after this many steps (the schedule still spans `epochs`)
     log_every: int = 20
     ckpt_every: int = 0                    # >0: also checkpoint every N steps (always at each epoch end)

@@ -53,6 +53,12 @@ from .config import LoopConfig
 from .distributed import (DistEnv, all_reduce_sum, barrier, full_state_dicts, init_distributed, load_full_state_dicts,
                           wrap_model)
 
+# options a resumed run may change: they do not change the numbers the run computes
+# (the global batch stays: processes, FSDP and accumulation only split it)
+RESUME_FREE_OPTIONS = {"resume", "allow_config_change", "max_steps", "progress", "log_every", "ckpt_every",
+                       "keep_checkpoints", "num_workers", "device", "compile", "grad_checkpointing", "fsdp",
+                       "grad_accum_steps", "eval_every", "max_minutes", "recon_every", "output"}
+
 # what a run writes at the top of its output directory (a trainer may add plots beside them)
 RUN_FILES = ("checkpoints", "log.jsonl", "config.json", "summary.json", "curves.png")
 
@@ -175,6 +181,10 @@ class StepLoop:
         self.history: List[Dict[str, Any]] = []
         self.log_path = os.path.join(cfg.output, "log.jsonl")
         self.bar = None
+        # the log's running window: sums of each term and their count since the last record (checkpointed,
+        # so a resumed run logs the means an uninterrupted one logs)
+        self.window: Dict[str, float] = {}
+        self.window_n = 0
 
     def init_data(self, train_set: Dataset) -> None:
         """Training data: an indexable dataset (seeded order and augmentation), a TensorDataset (batches
@@ -258,6 +268,13 @@ class StepLoop:
     def time_limit_s(self) -> float:
         """Stop (with a checkpoint) after this many seconds of training; 0 = no limit."""
         return 0.0
+
+    def extra_state(self) -> Dict[str, Any]:
+        """State outside the module and the optimiser that a resumed run needs (checkpointed in state.pt)."""
+        return {}
+
+    def load_extra_state(self, state: Dict[str, Any]) -> None:
+        """Take back what extra_state() returned."""
 
     def run_config(self) -> Dict[str, Any]:
         """What config.json records."""
@@ -353,16 +370,18 @@ class StepLoop:
             p = self.model_prefix
             model_sd = {k[len(p):]: v for k, v in module_sd.items() if k.startswith(p)}
             rest = {k: v for k, v in module_sd.items() if not k.startswith(p)}
-            state = {"step": self.step, "optimizer": optim_sd, "config": self.cfg.to_dict(), "module_rest": rest}
+            state = {"step": self.step, "optimizer": optim_sd, "config": self.cfg.to_dict(), "module_rest": rest,
+                     "log_window": {"sums": dict(self.window), "count": self.window_n}, "extra": self.extra_state()}
             path = save_checkpoint(self.cfg.output, self.step, self.model, self.meta(), state,
                                    ema=self.ema.module if self.ema is not None else None,
                                    keep=self.cfg.keep_checkpoints, model_state=model_sd)
         barrier(self.env)
         return path
 
-    def restore(self, checkpoint_dir: str) -> int:
-        """Load weights, the rest of the module, the optimiser and the EMA from a checkpoint; -> its step."""
-        state = load_training_state(checkpoint_dir)
+    def restore(self, checkpoint_dir: str, state: Optional[Dict[str, Any]] = None) -> int:
+        """Load weights, the rest of the module, the optimiser, the EMA and the loop's state from a checkpoint
+        (its state.pt read already: `state`); -> its step."""
+        state = state if state is not None else load_training_state(checkpoint_dir)
         rest = state.get("module_rest", {})
         if self.cfg.fsdp:   # sharded parameters take the full tensors through torch.distributed.checkpoint
             p = self.model_prefix
@@ -377,6 +396,9 @@ class StepLoop:
         if self.ema is not None:
             ema_path = os.path.join(checkpoint_dir, EMA_NAME)
             load_checkpoint(self.ema.module, ema_path if os.path.isfile(ema_path) else checkpoint_dir)
+        window = state.get("log_window", {"sums": {}, "count": 0})
+        self.window, self.window_n = dict(window["sums"]), int(window["count"])
+        self.load_extra_state(state.get("extra", {}))
         return int(state["step"])
 
     def try_resume(self) -> bool:
@@ -384,13 +406,32 @@ class StepLoop:
         ckpt = latest_checkpoint(self.cfg.output)
         if ckpt is None:
             return False
-        self.step = self.restore(ckpt)
-        if self.is_main and os.path.isfile(self.log_path):   # drop log lines written after the checkpoint
+        state = load_training_state(ckpt)
+        changes = self.check_resumed_config(state.get("config", {}))
+        self.step = self.restore(ckpt, state)
+        if self.is_main and os.path.isfile(self.log_path):   # drop what came after the checkpoint, and stops' records
             with open(self.log_path) as f:
-                self.history = [r for r in map(json.loads, filter(str.strip, f)) if r.get("step", 0) <= self.step]
+                self.history = [r for r in map(json.loads, filter(str.strip, f))
+                                if r.get("step", 0) <= self.step and not r.get("partial")]
             with open(self.log_path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.history)
+        if changes:
+            self.log({"step": self.step, "config_change": changes})
         return True
+
+    def check_resumed_config(self, saved: Dict[str, Any]) -> Dict[str, list]:
+        """The options that differ from the checkpointed run's ({name: [old, new]}, those that do not change the
+        numbers left out); refused unless allow_config_change."""
+        now = json.loads(json.dumps(self.cfg.to_dict()))   # tuples as lists, as the checkpoint's JSON-able copy
+        before = json.loads(json.dumps(saved, default=list))
+        changes = {k: [before[k], v] for k, v in now.items()
+                   if k in before and before[k] != v and k not in RESUME_FREE_OPTIONS}
+        if changes and not self.cfg.allow_config_change:
+            listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+            raise ValueError(f"--resume with other options than the run in {self.cfg.output} ({listed}): resume "
+                             f"with the run's options, or pass --allow-config-change to go on with the new ones "
+                             f"(the change is logged)")
+        return changes
 
     def log(self, record: Dict[str, Any]) -> None:
         """Append a record to the history and (rank 0) to log.jsonl."""
@@ -419,28 +460,31 @@ class StepLoop:
         stop_at = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
         self.bar = tqdm(total=stop_at, initial=self.step, disable=not (cfg.progress and main),
                         desc=self.progress_desc, unit="step", dynamic_ncols=True)
-        window: Dict[str, float] = {}
-        window_n, window_t, start = 0, time.perf_counter(), time.perf_counter()
+        window_t = start = time.perf_counter()
         limit = self.time_limit_s()
         self.module.train()
         while self.step < stop_at:
             for batch in self.epoch_batches(self.step // self.steps_per_epoch, self.step % self.steps_per_epoch):
                 for k, v in self.train_step(*batch).items():
-                    window[k] = window.get(k, 0.0) + v
-                window_n += 1
+                    self.window[k] = self.window.get(k, 0.0) + v
+                self.window_n += 1
                 self.bar.update(1)
                 if limit and time.perf_counter() - start >= limit:
                     stop_at = self.step
-                if self.step % cfg.log_every == 0 or self.step == stop_at:
+                boundary = self.step % cfg.log_every == 0
+                if boundary or self.step == stop_at:
                     elapsed = time.perf_counter() - window_t
                     record = {"step": self.step, "epoch": self.step / self.steps_per_epoch,
-                              **{k: v / window_n for k, v in window.items()},
+                              **{k: v / self.window_n for k, v in self.window.items()},
                               "lr": self.optimizer.param_groups[0]["lr"], **self.record_extras(),
-                              "img_per_s": window_n * cfg.batch_size / max(elapsed, 1e-9)}
+                              "img_per_s": self.window_n * cfg.batch_size / max(elapsed, 1e-9)}
+                    if not boundary:   # a stop inside a window: its window goes on in the checkpoint, and a
+                        record["partial"] = True   # resumed run drops this record (its log stays the whole run's)
                     self.log(record)
                     self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                          img_s=f"{record['img_per_s']:.0f}")
-                    window, window_n, window_t = {}, 0, time.perf_counter()
+                    if boundary:
+                        self.window, self.window_n, window_t = {}, 0, time.perf_counter()
                 self.after_step()
                 epoch_end = self.step % self.steps_per_epoch == 0
                 if epoch_end or (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == stop_at:

@@ -85,8 +85,20 @@ class Trainer(StepLoop):
         self.last_eval: Dict[str, float] = {}
 
     def meta(self) -> Dict[str, Any]:
-        return {"model": self.cfg.model, "model_kwargs": self.model_kwargs, "classes": self.classes,
+        """Model, options, classes, eval transform; an iLLaMA's soft-mask rate as it is now (the forward
+        depends on it: `eval` must run the checkpoint as training validated it)."""
+        kwargs = dict(self.model_kwargs)
+        if hasattr(self.model, "soft_mask_rate"):
+            kwargs["soft_mask_rate"] = self.model.soft_mask_rate
+        return {"model": self.cfg.model, "model_kwargs": kwargs, "classes": self.classes,
                 "transform": asdict(transform_config(self.cfg))}
+
+    def extra_state(self) -> Dict[str, Any]:
+        return {"soft_mask_rate": getattr(self.model, "soft_mask_rate", None)}
+
+    def load_extra_state(self, state: Dict[str, Any]) -> None:
+        if state.get("soft_mask_rate") is not None:
+            self.model.set_soft_mask_rate(state["soft_mask_rate"])
 
     # --- StepLoop hooks ------------------------------------------------------------------------
     def record_extras(self) -> Dict[str, Any]:
