@@ -223,3 +223,53 @@ def test_eval_reproduces_the_validation_logged_mid_schedule(tmp_path, capsys):
     assert code == 0 and f"top-1 {logged['val_top1']:.2f}%" in text and f"loss {logged['val_loss']:.4f}" in text
     from llamavit.train import model_from_checkpoint
     assert 0.4 < model_from_checkpoint(str(out)).soft_mask_rate < 0.6
+
+
+# --- a full disk, a torn log, a killed save ----------------------------------------------------------------
+def test_a_full_disk_says_so_leaves_no_partial_checkpoint_and_resume_goes_on(tmp_path, capsys, monkeypatch):
+    import errno
+    from llamavit.train import checkpoint as ckpt_mod
+    real, calls = ckpt_mod.torch.save, []
+
+    def disk_full_on_the_second(obj, path):
+        calls.append(path)
+        if len(calls) == 2:
+            open(path, "wb").write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, path)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", disk_full_on_the_second)
+    args = ["train", *TINY, "--epochs", "2", "--ckpt-every", "2", "--output", tmp_path / "r"]
+    code, _, err = run(capsys, *args)
+    assert code == 2
+    assert "no space left on" in err and "while writing checkpoint step-00000004; the previous checkpoint is " \
+        "intact: free the space and --resume" in one_line_error(err, "train")
+    assert sorted(os.listdir(tmp_path / "r" / "checkpoints")) == ["latest", "step-00000002"]   # no .tmp-* left
+    monkeypatch.setattr(ckpt_mod.torch, "save", real)
+    code, out, _ = run(capsys, *args, "--resume")
+    assert code == 0 and '"steps": 8' in out
+
+
+def test_resume_cleans_a_killed_saves_temporary_and_a_torn_log_line(tmp_path, capsys):
+    import json
+    args = ["train", *TINY, "--epochs", "2", "--output", tmp_path / "r"]
+    assert run(capsys, "train", *TINY, "--epochs", "2", "--output", tmp_path / "whole")[0] == 0
+    assert run(capsys, *args, "--max-steps", "4")[0] == 0
+    stale = tmp_path / "r" / "checkpoints" / ".tmp-step-00000006-99999"   # a save killed half-way
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    with open(tmp_path / "r" / "log.jsonl", "a") as f:
+        f.write('{"step": 5, "epoch": 1.25, "lo')                           # a record killed half-way
+    code, out, _ = run(capsys, *args, "--resume")
+    assert code == 0 and not stale.exists()
+
+    def losses(name):
+        with open(tmp_path / name / "log.jsonl") as f:
+            return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+    assert losses("r") == losses("whole")
+    with open(tmp_path / "r" / "log.jsonl", "r+") as f:                    # a damaged line inside the log
+        lines = f.readlines()
+        f.seek(0)
+        f.writelines(lines[:1] + ["{not json\n"] + lines[1:])
+    code, _, err = run(capsys, *args, "--resume")
+    assert code == 2 and "log.jsonl line 2 is not a JSON record" in one_line_error(err, "train")

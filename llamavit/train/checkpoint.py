@@ -8,10 +8,11 @@ Layout of a run directory:
 A checkpoint directory is written under a temporary name and renamed when complete, and `latest`
 is replaced atomically, so a run killed at any moment leaves the previous checkpoint intact.
 """
+import errno
 import json
 import os
 import shutil
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -59,16 +60,33 @@ def save_checkpoint(run_dir: str, step: int, model: nn.Module, meta: Dict[str, A
     if getattr(model, "llm_source", None):   # ViT + frozen LLM: where the (unsaved) frozen block comes from
         meta = {**meta, "llm": model.llm_source}
     metadata = {"format": "llamavit", **{k: json.dumps(v) for k, v in meta.items()}}
-    save_file(_tensors(model if model_state is None else model_state), os.path.join(tmp, WEIGHTS_NAME),
-              metadata=metadata)
-    if ema is not None:
-        save_file(_tensors(ema), os.path.join(tmp, EMA_NAME), metadata=metadata)
-    torch.save(state, os.path.join(tmp, STATE_NAME))
+    try:
+        save_file(_tensors(model if model_state is None else model_state), os.path.join(tmp, WEIGHTS_NAME),
+                  metadata=metadata)
+        if ema is not None:
+            save_file(_tensors(ema), os.path.join(tmp, EMA_NAME), metadata=metadata)
+        torch.save(state, os.path.join(tmp, STATE_NAME))
+    except (OSError, RuntimeError) as e:   # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)   # a partial checkpoint must not keep the disk full
+        full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "file write failed" in str(e)
+        why = f"no space left on {root}" if full else f"cannot write {tmp}: {getattr(e, 'strerror', None) or e}"
+        raise CheckpointError(f"{why} while writing checkpoint {name}; the previous checkpoint is intact: free the "
+                              f"space and --resume") from e
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
     atomic_write_text(os.path.join(root, LATEST), name)
     _prune(root, keep, name)
     return final
+
+
+def remove_stale_temporaries(run_dir: str) -> List[str]:
+    """Delete the partial checkpoints (.tmp-step-*) a killed run left in run_dir/checkpoints; -> their names.
+    Only safe while holding the run directory's lock (no other writer)."""
+    root = os.path.join(run_dir, "checkpoints")
+    stale = sorted(d for d in os.listdir(root) if d.startswith(".tmp-")) if os.path.isdir(root) else []
+    for d in stale:
+        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    return stale
 
 
 def _prune(root: str, keep: int, newest: str) -> None:

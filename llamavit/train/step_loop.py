@@ -48,7 +48,8 @@ from tqdm import tqdm
 from ..data.seeding import mix_seed
 from ..errors import CheckpointError, NonFiniteLossError, RunDirectoryBusy
 from ..models import load_checkpoint, read_state_dict
-from .checkpoint import EMA_NAME, WEIGHTS_NAME, latest_checkpoint, load_training_state, save_checkpoint
+from .checkpoint import (EMA_NAME, WEIGHTS_NAME, latest_checkpoint, load_training_state, remove_stale_temporaries,
+                         save_checkpoint)
 from .config import LoopConfig
 from .distributed import (DistEnv, all_reduce_sum, barrier, full_state_dicts, init_distributed, load_full_state_dicts,
                           wrap_model)
@@ -86,6 +87,23 @@ def seed_everything(seed: int) -> None:
     # the CPU generator alone: torch.manual_seed also reseeds every accelerator and costs ~90 us,
     # too much to pay once per sample
     torch.random.default_generator.manual_seed(seed)
+
+
+def read_log(path: str) -> List[Dict[str, Any]]:
+    """The records of a log.jsonl. A torn last line (a run killed while writing it) is dropped; a damaged line
+    before it is an error naming the file and line."""
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path} line {i + 1} is not a JSON record ({e.msg}): the log is damaged; move it "
+                             f"aside to resume without it") from None
+    return records
 
 
 class RunDirectoryLock:
@@ -410,9 +428,8 @@ class StepLoop:
         changes = self.check_resumed_config(state.get("config", {}))
         self.step = self.restore(ckpt, state)
         if self.is_main and os.path.isfile(self.log_path):   # drop what came after the checkpoint, and stops' records
-            with open(self.log_path) as f:
-                self.history = [r for r in map(json.loads, filter(str.strip, f))
-                                if r.get("step", 0) <= self.step and not r.get("partial")]
+            self.history = [r for r in read_log(self.log_path)
+                            if r.get("step", 0) <= self.step and not r.get("partial")]
             with open(self.log_path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.history)
         if changes:
@@ -450,6 +467,8 @@ class StepLoop:
 
     def _fit(self) -> Dict[str, Any]:
         cfg, main = self.cfg, self.is_main
+        if main:
+            remove_stale_temporaries(cfg.output)
         resumed = cfg.resume and self.try_resume()
         if main:
             moved = None if resumed else set_aside_earlier_run(cfg.output)
