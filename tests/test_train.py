@@ -111,11 +111,11 @@ def test_killed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(ckpt_mod.torch, "save", broken_save)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(CheckpointError, match=r"cannot write .*\.tmp-step-00000004-\d+: disk full \(simulated\) while "
+                                              r"writing checkpoint step-00000004; the previous checkpoint is intact"):
         trainer.save()
     assert latest_checkpoint(cfg.output) == first
-    assert sorted(d for d in os.listdir(os.path.join(cfg.output, "checkpoints")) if d.startswith("step-")) == \
-        ["step-00000000"]
+    assert sorted(os.listdir(os.path.join(cfg.output, "checkpoints"))) == ["latest", "step-00000000"]   # no .tmp
     assert load_training_state(first)["step"] == 0
 
 
