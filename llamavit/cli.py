@@ -185,9 +185,9 @@ def cmd_predict(args) -> None:
     from .eval.loaders import checkpoint_transform
     from .predict import predict_images
     from .train import model_from_checkpoint, read_meta
+    transform = checkpoint_transform(args.checkpoint)   # refuses runs that are not classifiers, before loading
     model = model_from_checkpoint(args.checkpoint, use_ema=args.ema)
-    results = predict_images(model, args.images, checkpoint_transform(args.checkpoint),
-                             read_meta(args.checkpoint)["classes"], args.topk)
+    results = predict_images(model, args.images, transform, read_meta(args.checkpoint)["classes"], args.topk)
     for path, top in zip(args.images, results):
         print(f"{path}: " + ", ".join(f"{name} {prob:.1%}" for name, prob in top))
 

@@ -38,11 +38,13 @@ def add_generate_parser(sub) -> None:
         q.add_argument("--device", default="cpu")
 
     s = actions.add_parser("sample", help="sample a class-by-class image grid",
-                           description="One row per class: grid PNG (pixel models) and samples.pt (tensors + labels).")
+                           description="One row per class: the grid PNG (pixel models) and, beside it, the same name "
+                                       "with .pt (the sample tensors and their labels).")
     sampling_flags(s)
     s.add_argument("--per-class", type=int, default=8, help="samples per class (grid columns)")
     s.add_argument("--classes", type=int, nargs="+", help="class indices (default: all)")
-    s.add_argument("--output", default="samples.png", help="grid PNG path; samples.pt is written beside it")
+    s.add_argument("--output", default="samples.png",
+                   help="grid PNG path (default samples.png); <path without .png>.pt is written beside it")
 
     e = actions.add_parser("eval", help="classifier-feature FID and conditional accuracy of samples", description=(
         "Generate --num-samples images (balanced over classes) and score them with a llamavit classifier "

@@ -9,6 +9,11 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint file that cannot be read (truncated, random bytes, not tensors): a run resumes from the one
+    before it."""
+
+
 class DatasetError(RuntimeError):
     """A dataset that is missing or unreadable; the message says how to fix it."""
 

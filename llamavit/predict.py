@@ -25,6 +25,8 @@ def load_image(path: str) -> Image.Image:
 def predict_images(model: nn.Module, paths: Sequence[str], transform_cfg: TransformConfig, classes: Sequence[str],
                    topk: int = 5) -> List[List[Tuple[str, float]]]:
     """Top-k (class name, probability) for each image file, in the order given."""
+    if topk < 1:
+        raise ValueError(f"topk must be at least 1, got {topk}")
     tf = build_transform(transform_cfg, is_training=False)
     batch = torch.stack([tf(load_image(p)) for p in paths])
     model.eval()

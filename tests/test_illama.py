@@ -388,11 +388,16 @@ def test_forward_input_errors():
     model = small()
     with pytest.raises(ValueError, match=r"expected 3 input channel\(s\), got 1"):
         model(torch.randn(1, 1, 32, 32))
-    with pytest.raises(ValueError, match=r"input size 36x32 is not a positive multiple of the patch size 8x8 "
-                                         r"\(the model was built for 32x32\)"):
+    with pytest.raises(ValueError, match=r"input size 36x32 is not a positive multiple of the patch size 8x8$"):
         model(torch.randn(1, 3, 36, 32))
     with pytest.raises(ValueError, match=r"expected images of shape \(B, C, H, W\)"):
         model(torch.randn(3, 32, 32))
+    with pytest.raises(ValueError, match=r"expected a floating-point image tensor, got torch.uint8 \(e.g. x.float\(\)"):
+        model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="expected a batch of at least one image, got an empty batch"):
+        model(torch.zeros(0, 3, 32, 32))
+    with pytest.raises(ValueError, match="img_size 28x28 is not a multiple of the patch size 8x8"):
+        small(img_size=28)
     gray = small(in_chans=1)
     assert gray(torch.randn(1, 1, 32, 32)).shape == (1, 5)
 

@@ -487,8 +487,7 @@ def test_patch_embed_errors_state_expected_and_given():
     pe = PatchEmbed(img_size=32, patch_size=8, in_chans=3, embed_dim=12)
     with pytest.raises(ValueError, match=r"expected 3 input channel\(s\), got 1 \(input shape \(2, 1, 32, 32\)\)"):
         pe(torch.randn(2, 1, 32, 32))
-    with pytest.raises(ValueError, match=r"input size 30x32 is not a positive multiple of the patch size 8x8 "
-                                         r"\(the model was built for 32x32\)"):
+    with pytest.raises(ValueError, match=r"input size 30x32 is not a positive multiple of the patch size 8x8$"):
         pe(torch.randn(2, 3, 30, 32))
     with pytest.raises(ValueError, match=r"expected images of shape \(B, C, H, W\), got a tensor of shape "
                                          r"\(3, 32, 32\)"):

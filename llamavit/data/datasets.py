@@ -123,9 +123,19 @@ def image_folder(path: str, split: str, transform: Optional[Callable] = None) ->
             raise DatasetError(f"{path} has {other}/ but no {split}/: an ImageFolder tree for training holds "
                                f"{path}/train/<class>/* and {path}/val/<class>/* with the same classes")
     try:
-        return tvd.ImageFolder(root, transform=transform)
+        return tvd.ImageFolder(root, transform=transform, loader=load_rgb_or_fail)
     except (FileNotFoundError, RuntimeError) as e:
         raise DatasetError(f"cannot read image folder {root}: {e}") from e
+
+
+def load_rgb_or_fail(path: str) -> Image.Image:
+    """An ImageFolder file as an RGB PIL image; a file that is not a readable image stops the run naming it
+    (silently skipping it would change the data without a word)."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:   # PIL raises all three for damaged files
+        raise DatasetError(f"cannot read image {path}: {e}; remove or replace the file") from e
 
 
 def check_classes(classes: Sequence[str], expected: Sequence[str], what: str) -> None:

@@ -10,6 +10,11 @@ from ..train.checkpoint import load_training_state, read_meta, resolve_checkpoin
 def checkpoint_transform(checkpoint: str) -> TransformConfig:
     """The evaluation transform a llamavit training checkpoint recorded (input size, channels, normalisation)."""
     meta = read_meta(checkpoint)
+    if meta.get("objective") in ("ddpm", "flow"):
+        raise ValueError(f"{checkpoint} is a generation run, not a classifier: use `llamavit generate sample`")
+    if meta.get("objective") in ("aim", "mae") or "probe_head" in meta:
+        raise ValueError(f"{checkpoint} is a pre-training or probe run, not a classifier: `llamavit finetune` "
+                         f"its trunk (or `llamavit probe` it) first")
     if "transform" not in meta:
         raise ValueError(f"{checkpoint} is not a llamavit training checkpoint (no transform metadata)")
     return TransformConfig(**meta["transform"])

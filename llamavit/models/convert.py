@@ -11,18 +11,32 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DamagedCheckpointError
 
 WEIGHTS_NAME = "model.safetensors"   # inside a llamavit training checkpoint directory
+LATEST = "latest"                     # <run>/checkpoints/latest names the newest complete checkpoint
 _SHOW = 8
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A run directory, a checkpoint directory or a weights file -> the checkpoint path to read (a run
+    directory: its newest complete checkpoint)."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    latest = os.path.join(path, "checkpoints", LATEST)
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            return os.path.join(path, "checkpoints", f.read().strip())
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        raise CheckpointError(f"{path} is a run directory without a complete checkpoint yet")
+    return path
 
 
 def read_state_dict(path: str, state_keys: Sequence[str] = ("model", "state_dict", "model_state")
                     ) -> Dict[str, torch.Tensor]:
     """The raw state dict of a checkpoint file or llamavit checkpoint directory (no key conversion);
-    a wrapped file gives its first entry among `state_keys`."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
+    a wrapped file gives its first entry among `state_keys`. A run directory reads its newest checkpoint."""
+    path = resolve_checkpoint(path)
     if os.path.isdir(path):
         weights = os.path.join(path, WEIGHTS_NAME)
         if not os.path.isfile(weights):
@@ -32,7 +46,7 @@ def read_state_dict(path: str, state_keys: Sequence[str] = ("model", "state_dict
         try:
             return load_file(path)
         except Exception as e:
-            raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
+            raise DamagedCheckpointError(f"cannot read safetensors file {path}: {e}") from e
     try:
         # official training checkpoints carry their argparse.Namespace of arguments: allow exactly that class
         with torch.serialization.safe_globals([argparse.Namespace]):

@@ -4,6 +4,7 @@ import contextlib
 import dataclasses
 import difflib
 import fnmatch
+import typing
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
@@ -13,6 +14,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from . import aim, dit_llama, illama, visionllama, visionllama_pyramid, vit_llm
+from ..options import check_ranges, coerce
 from .convert import load_checkpoint
 
 # family -> (model class, config class); the model class carries its own checkpoint filter
@@ -45,12 +47,19 @@ def _build(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     unknown = sorted(set(kwargs) - valid)
     if unknown:
         raise TypeError(f"{name}: unknown option(s) {unknown}; valid options: {sorted(valid)}")
+    hints = typing.get_type_hints(cfg_cls)
+    kwargs = {k: coerce(k, v, hints[k], name) for k, v in kwargs.items()}
+    check_ranges({k: v for k, v in kwargs.items() if not isinstance(v, (tuple, list))}, MODEL_RANGES, name)
     with torch.device(device) if device is not None else contextlib.nullcontext():
         model = build_model_with_cfg(model_cls, name, pretrained, **timm_args, **kwargs)
     return model.to(dtype) if dtype is not None else model
 
 
 default_cfgs: Dict[str, object] = {}  # timm reads this module attribute when a name is registered
+# the ranges of the options every family shares (a family checks its own in its config)
+MODEL_RANGES = {"embed_dim": (">", 0), "depth": (">", 0), "num_heads": (">", 0), "patch_size": (">", 0),
+                "img_size": (">", 0), "in_chans": (">", 0), "num_classes": (">=", 0), "mlp_ratio": (">", 0),
+                "drop_rate": ("in", (0, 1)), "drop_path_rate": ("in", (0, 1))}
 
 
 def register_family(family: str, model_cls: type, cfg_cls: type, feature_cfg: Optional[dict] = None) -> None:

@@ -19,13 +19,12 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DamagedCheckpointError
 from ..models import create_model
-from ..models.convert import WEIGHTS_NAME, load_checkpoint
+from ..models.convert import LATEST, WEIGHTS_NAME, load_checkpoint, resolve_checkpoint
 
 STATE_NAME = "state.pt"
 EMA_NAME = "ema.safetensors"
-LATEST = "latest"
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -97,15 +96,11 @@ def _prune(root: str, keep: int, newest: str) -> None:
         shutil.rmtree(os.path.join(root, old), ignore_errors=True)
 
 
-def resolve_checkpoint(path: str) -> str:
-    """A run directory, a checkpoint directory or a weights file -> the checkpoint path to read."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    latest = os.path.join(path, "checkpoints", LATEST)
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            return os.path.join(path, "checkpoints", f.read().strip())
-    return path
+def complete_checkpoints(run_dir: str) -> List[str]:
+    """The run's checkpoint directories, newest first."""
+    root = os.path.join(run_dir, "checkpoints")
+    names = sorted((d for d in os.listdir(root) if d.startswith("step-")), reverse=True) if os.path.isdir(root) else []
+    return [os.path.join(root, d) for d in names]
 
 
 def latest_checkpoint(run_dir: str) -> Optional[str]:
@@ -122,8 +117,11 @@ def read_meta(path: str) -> Dict[str, Any]:
     weights = os.path.join(path, WEIGHTS_NAME) if os.path.isdir(path) else path
     if not weights.endswith(".safetensors") or not os.path.isfile(weights):
         return {}
-    with safe_open(weights, framework="pt") as f:
-        raw = f.metadata() or {}
+    try:
+        with safe_open(weights, framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception as e:   # safetensors raises its own error type for a truncated or foreign file
+        raise DamagedCheckpointError(f"cannot read safetensors file {weights}: {e}") from e
     return {k: json.loads(v) for k, v in raw.items() if k != "format"}
 
 
@@ -132,7 +130,11 @@ def load_training_state(ckpt_dir: str) -> Dict[str, Any]:
     path = os.path.join(ckpt_dir, STATE_NAME)
     if not os.path.isfile(path):
         raise CheckpointError(f"{ckpt_dir} has no {STATE_NAME}: it is not a resumable training checkpoint")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # damaged bytes, or objects other than tensors: never unpickled
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DamagedCheckpointError(f"{path} is damaged or holds objects other than tensors ({first[:120]})") from e
 
 
 def model_from_checkpoint(path: str, use_ema: bool = False, **overrides) -> nn.Module:

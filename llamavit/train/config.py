@@ -10,6 +10,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import yaml
 
+from ..options import check_ranges, check_types
+
 
 class Options:
     """What every run configuration dataclass shares: building from a dict or YAML with unknown names
@@ -34,16 +36,11 @@ class Options:
         """The config as a plain dict (JSON-able)."""
         return dataclasses.asdict(self)
 
-    def _require_positive(self, *names: str) -> None:
-        for name in names:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-
-    def _lists_to_tuples(self, *names: str) -> None:
-        """YAML and JSON give lists; the configs hold tuples."""
-        for name in names:
-            if isinstance(getattr(self, name), list):
-                setattr(self, name, tuple(getattr(self, name)))
+    def _check(self, **rules) -> None:
+        """Types from the annotations (YAML's lists become tuples, '1e-3' a float), then value ranges (see
+        llamavit.options.check_ranges); one ValueError line naming the option."""
+        check_types(self, self._kind)
+        check_ranges(dataclasses.asdict(self), rules, self._kind)
 
 
 def yaml_values(path: Optional[str]) -> Dict[str, Any]:
@@ -55,11 +52,21 @@ def yaml_values(path: Optional[str]) -> Dict[str, Any]:
             values = yaml.safe_load(f) or {}
     except FileNotFoundError as e:
         raise ValueError(f"config file not found: {path}") from e
+    except IsADirectoryError as e:
+        raise ValueError(f"config file {path} is a directory; expected a YAML file") from e
+    except (PermissionError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read config file {path}: {e}") from e
     except yaml.YAMLError as e:
         raise ValueError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
     if not isinstance(values, dict):
         raise ValueError(f"config file {path} must hold a mapping of option: value")
     return values
+
+
+# value ranges of the loop's options (the trainers add theirs in `_ranges`)
+LOOP_RANGES = {"epochs": (">", 0), "batch_size": (">", 0), "grad_accum_steps": (">", 0), "log_every": (">", 0),
+               "num_workers": (">=", 0), "clip_grad": (">=", 0), "ema_decay": ("in", (0, 1)), "max_steps": (">=", 0),
+               "ckpt_every": (">=", 0), "keep_checkpoints": (">", 0)}
 
 
 @dataclass
@@ -87,9 +94,10 @@ class LoopConfig(Options):
     ckpt_every: int = 0                    # >0: also checkpoint every N steps (always at each epoch end)
     keep_checkpoints: int = 2
     progress: bool = True
+    _ranges = {}   # a trainer's own ranges (ClassVar: not a field)
 
     def __post_init__(self):
-        self._require_positive("epochs", "batch_size", "grad_accum_steps", "log_every")
+        self._check(**{**LOOP_RANGES, **self._ranges})
         if self.fsdp and self.ema_decay > 0:
             raise ValueError("EMA of an FSDP-sharded model is not supported: use ema_decay=0 with --fsdp")
 
@@ -131,8 +139,14 @@ class TrainConfig(LoopConfig):
     soft_mask_epochs: float = 0.0
     eval_every: int = 1                    # evaluate every N epochs (and at the end)
 
+    _ranges = {"lr": (">=", 0), "min_lr": (">=", 0), "warmup_epochs": (">=", 0), "warmup_lr": (">=", 0),
+               "weight_decay": (">=", 0), "label_smoothing": ("in", (0, 1)), "mixup": (">=", 0),
+               "cutmix": (">=", 0), "drop_path": ("in", (0, 1)), "hflip": ("in", (0, 1.001)),
+               "re_prob": ("in", (0, 1.001)), "crop_pct": ("in", (0.001, 1.001)), "scale": ("sorted", None),
+               "betas": ("each in", (0, 1)), "soft_mask_epochs": (">=", 0), "eval_every": (">", 0),
+               "train_subset": (">=", 0), "val_subset": (">=", 0), "img_size": (">", 0), "in_chans": (">", 0)}
+
     def __post_init__(self):
         super().__post_init__()
         if self.soft_mask not in ("none", "constant", "linear"):
             raise ValueError(f"soft_mask must be 'none', 'constant' or 'linear', got {self.soft_mask!r}")
-        self._lists_to_tuples("scale", "betas", "mean", "std")

@@ -55,6 +55,9 @@ class GenerateConfig(LoopConfig):
     output: str = "runs/generate"
     max_minutes: float = 0.0           # > 0: stop (with a checkpoint) after this much training time
 
+    _ranges = {"diffusion_steps": (">", 0), "img_size": (">", 0), "in_chans": (">", 0), "train_subset": (">=", 0),
+               "hflip": ("in", (0, 1.001)), "lr": (">=", 0), "weight_decay": (">=", 0), "max_minutes": (">=", 0)}
+
     def __post_init__(self):
         super().__post_init__()
         if self.objective not in OBJECTIVES:

@@ -75,11 +75,17 @@ class PretrainConfig(LoopConfig):
     output: str = "runs/pretrain"
     recon_every: int = 0                   # >0: save reconstructions.png every N steps (and at the end)
 
+    _ranges = {"img_size": (">", 0), "in_chans": (">", 0), "decoder_dim": (">", 0), "decoder_depth": (">=", 0),
+               "decoder_mlp_ratio": (">", 0), "prefix_min": (">", 0), "prefix_max": (">=", 0),
+               "mask_ratio": ("in", (0, 1)), "train_subset": (">=", 0), "scale": ("sorted", None),
+               "hflip": ("in", (0, 1.001)), "color_jitter_prob": ("in", (0, 1.001)), "lr": (">=", 0),
+               "min_lr": (">=", 0), "warmup_frac": ("in", (0, 1)), "warmup_lr": (">=", 0), "weight_decay": (">=", 0),
+               "betas": ("each in", (0, 1)), "recon_every": (">=", 0)}
+
     def __post_init__(self):
         super().__post_init__()
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        self._lists_to_tuples("scale", "betas", "mean", "std", "color_jitter")
 
 
 HELP = {

@@ -53,6 +53,9 @@ class ProbeConfig(LoopConfig):
     weight_decay: float = 0.05
     output: str = "runs/probe"
 
+    _ranges = {"train_subset": (">=", 0), "val_subset": (">=", 0), "img_size": (">=", 0), "in_chans": (">=", 0),
+               "lr": (">=", 0), "min_lr": (">=", 0), "warmup_epochs": (">=", 0), "weight_decay": (">=", 0)}
+
     def __post_init__(self):
         super().__post_init__()
         if self.head not in HEADS:

@@ -46,10 +46,10 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Tens
 from tqdm import tqdm
 
 from ..data.seeding import mix_seed
-from ..errors import CheckpointError, NonFiniteLossError, RunDirectoryBusy
+from ..errors import CheckpointError, DamagedCheckpointError, NonFiniteLossError, RunDirectoryBusy
 from ..models import load_checkpoint, read_state_dict
-from .checkpoint import (EMA_NAME, WEIGHTS_NAME, latest_checkpoint, load_training_state, remove_stale_temporaries,
-                         save_checkpoint)
+from .checkpoint import (EMA_NAME, LATEST, WEIGHTS_NAME, atomic_write_text, complete_checkpoints, latest_checkpoint,
+                         load_training_state, remove_stale_temporaries, save_checkpoint)
 from .config import LoopConfig
 from .distributed import (DistEnv, all_reduce_sum, barrier, full_state_dicts, init_distributed, load_full_state_dicts,
                           wrap_model)
@@ -87,6 +87,20 @@ def seed_everything(seed: int) -> None:
     # the CPU generator alone: torch.manual_seed also reseeds every accelerator and costs ~90 us,
     # too much to pay once per sample
     torch.random.default_generator.manual_seed(seed)
+
+
+def make_output_dir(output: str) -> None:
+    """Create the run directory, or say in one line why it cannot be one (a file, under a file, not writable)."""
+    try:
+        os.makedirs(output, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(f"--output {output} is a file; expected a directory for the run") from None
+    except NotADirectoryError:
+        raise ValueError(f"--output {output} lies under a file; expected a directory path") from None
+    except PermissionError as e:
+        raise ValueError(f"cannot create --output {output}: {e.strerror}") from None
+    if not os.access(output, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {output} is not writable")
 
 
 def read_log(path: str) -> List[Dict[str, Any]]:
@@ -423,10 +437,10 @@ class StepLoop:
         """Restore the run directory's latest checkpoint and cut the log back to it; -> whether there was one."""
         ckpt = latest_checkpoint(self.cfg.output)
         if ckpt is None:
+            if self.is_main:
+                print(f"--resume: {self.cfg.output} holds no checkpoint yet; starting a fresh run")
             return False
-        state = load_training_state(ckpt)
-        changes = self.check_resumed_config(state.get("config", {}))
-        self.step = self.restore(ckpt, state)
+        changes = self._restore_newest_intact(ckpt)
         if self.is_main and os.path.isfile(self.log_path):   # drop what came after the checkpoint, and stops' records
             self.history = [r for r in read_log(self.log_path)
                             if r.get("step", 0) <= self.step and not r.get("partial")]
@@ -435,6 +449,28 @@ class StepLoop:
         if changes:
             self.log({"step": self.step, "config_change": changes})
         return True
+
+    def _restore_newest_intact(self, latest: str) -> Dict[str, list]:
+        """Restore `latest`, or, when a file of it cannot be read, the newest intact checkpoint before it (the
+        damaged one is moved to damaged-step-*, nothing is deleted); -> the option changes (see below)."""
+        candidates = [latest] + [c for c in complete_checkpoints(self.cfg.output)
+                                 if os.path.basename(c) < os.path.basename(latest)]
+        for i, ckpt in enumerate(candidates):
+            try:
+                state = load_training_state(ckpt)
+                changes = self.check_resumed_config(state.get("config", {}))
+                self.step = self.restore(ckpt, state)
+                return changes
+            except DamagedCheckpointError as e:
+                if i == len(candidates) - 1:
+                    raise DamagedCheckpointError(f"no intact checkpoint to resume from in {self.cfg.output}: "
+                                                 f"{e}") from e
+                if self.is_main:
+                    aside = os.path.join(os.path.dirname(ckpt), "damaged-" + os.path.basename(ckpt))
+                    os.replace(ckpt, aside)
+                    atomic_write_text(os.path.join(os.path.dirname(ckpt), LATEST), os.path.basename(candidates[i + 1]))
+                    print(f"--resume: {ckpt} is damaged ({e}); moved to {aside}, resuming from the one before")
+        return {}
 
     def check_resumed_config(self, saved: Dict[str, Any]) -> Dict[str, list]:
         """The options that differ from the checkpointed run's ({name: [old, new]}, those that do not change the
@@ -461,7 +497,7 @@ class StepLoop:
     def fit(self) -> Dict[str, Any]:
         """Train to the end (or max_steps / the time limit), checkpointing on the way; -> the summary.
         Rank 0 holds the run directory's lock throughout: a second run into it is refused."""
-        os.makedirs(self.cfg.output, exist_ok=True)
+        make_output_dir(self.cfg.output)
         with RunDirectoryLock(self.cfg.output) if self.is_main else contextlib.nullcontext():
             return self._fit()
 
