@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.pretrain import HELP as PRETRAIN_HELP
     from .train.probe import HELP as PROBE_HELP
     parser = argparse.ArgumentParser(prog="llamavit", description=DESCRIPTION)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("models", help="list model names", description="List llamavit model names.")
@@ -216,7 +217,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         COMMANDS[args.command](args)
     except USER_ERRORS as e:
-        print(f"llamavit {args.command}: error: {e}", file=sys.stderr)
+        if args.debug:
+            raise
+        print(f"llamavit {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"llamavit {args.command}: interrupted; the last checkpoint is intact", file=sys.stderr)

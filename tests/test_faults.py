@@ -273,3 +273,41 @@ def test_resume_cleans_a_killed_saves_temporary_and_a_torn_log_line(tmp_path, ca
         f.writelines(lines[:1] + ["{not json\n"] + lines[1:])
     code, _, err = run(capsys, *args, "--resume")
     assert code == 2 and "log.jsonl line 2 is not a JSON record" in one_line_error(err, "train")
+
+
+# --- what is accepted, and said -----------------------------------------------------------------------------
+def test_yaml_scientific_floats_are_numbers(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("lr: 1e-3\nmin_lr: 5e-6\n")   # YAML 1.1 reads these as strings
+    from llamavit.train import TrainConfig
+    cfg = TrainConfig.from_yaml(str(tmp_path / "c.yaml"))
+    assert cfg.lr == 1e-3 and cfg.min_lr == 5e-6 and isinstance(cfg.lr, float)
+
+
+def test_resume_in_an_empty_directory_says_it_starts_fresh(tmp_path, capsys):
+    code, out, _ = run(capsys, "train", *TINY, "--epochs", "1", "--output", tmp_path / "r", "--resume")
+    assert code == 0 and "--resume: " in out and "holds no checkpoint yet; starting a fresh run" in out
+
+
+def test_amp_on_a_cpu_without_bf16_warns(tmp_path, capsys, monkeypatch):
+    from llamavit.train import step_loop
+    monkeypatch.setattr(step_loop, "cpu_has_native_bf16", lambda: False)
+    code, _, err = run(capsys, "train", *TINY, "--epochs", "1", "--max-steps", "1", "--amp", "--output", tmp_path / "r")
+    assert code == 0 and "warning: --amp (bf16 autocast) on a CPU without bf16 instructions" in err
+    monkeypatch.setattr(step_loop, "cpu_has_native_bf16", lambda: True)
+    code, _, err = run(capsys, "train", *TINY, "--epochs", "1", "--max-steps", "1", "--amp", "--output", tmp_path / "s")
+    assert code == 0 and "warning" not in err
+
+
+def test_debug_shows_the_traceback(capsys):
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        main(["--debug", "train", "--model", "nope"])
+
+
+def test_create_model_reads_a_run_directory(trained):
+    import llamavit
+    from llamavit.train import model_from_checkpoint, read_meta
+    run_dir, _ = trained
+    meta = read_meta(str(run_dir))
+    direct = llamavit.create_model(meta["model"], checkpoint_path=str(run_dir), **meta["model_kwargs"])
+    ref = model_from_checkpoint(str(run_dir))
+    assert all(torch.equal(a, b) for a, b in zip(direct.state_dict().values(), ref.state_dict().values()))

@@ -33,6 +33,7 @@ import math
 import os
 import random
 import socket
+import sys
 import time
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -51,8 +52,8 @@ from ..models import load_checkpoint, read_state_dict
 from .checkpoint import (EMA_NAME, LATEST, WEIGHTS_NAME, atomic_write_text, complete_checkpoints, latest_checkpoint,
                          load_training_state, remove_stale_temporaries, save_checkpoint)
 from .config import LoopConfig
-from .distributed import (DistEnv, all_reduce_sum, barrier, full_state_dicts, init_distributed, load_full_state_dicts,
-                          wrap_model)
+from .distributed import (DistEnv, all_reduce_sum, barrier, cpu_has_native_bf16, full_state_dicts, init_distributed,
+                          load_full_state_dicts, wrap_model)
 
 # options a resumed run may change: they do not change the numbers the run computes
 # (the global batch stays: processes, FSDP and accumulation only split it)
@@ -209,6 +210,9 @@ class StepLoop:
             raise ValueError(f"batch_size {cfg.batch_size} (global) must be divisible by processes x "
                              f"grad_accum_steps = {self.env.world_size} x {cfg.grad_accum_steps}")
         seed_everything(cfg.seed)
+        if cfg.amp and self.env.device.type == "cpu" and not cpu_has_native_bf16() and self.env.is_main:
+            print("warning: --amp (bf16 autocast) on a CPU without bf16 instructions (AVX512-BF16 / AMX): it runs "
+                  "several times slower than float32 here; drop --amp (amp: false) on this machine", file=sys.stderr)
         self.step = 0
         self.history: List[Dict[str, Any]] = []
         self.log_path = os.path.join(cfg.output, "log.jsonl")
