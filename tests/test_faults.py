@@ -311,3 +311,79 @@ def test_create_model_reads_a_run_directory(trained):
     direct = llamavit.create_model(meta["model"], checkpoint_path=str(run_dir), **meta["model_kwargs"])
     ref = model_from_checkpoint(str(run_dir))
     assert all(torch.equal(a, b) for a, b in zip(direct.state_dict().values(), ref.state_dict().values()))
+
+
+# --- kill -9 at any moment: the resumed run is the uninterrupted one ---------------------------------------
+KILLABLE = '''
+import os, sys, time
+import llamavit.train.checkpoint as checkpoint
+real_save = checkpoint.torch.save
+
+
+def save_or_hang(obj, path):
+    # the test's kill switch: at the chosen step, stop inside the checkpoint write (model.safetensors is
+    # already in the temporary directory, state.pt is not) until SIGKILL arrives
+    if int(obj["step"]) == int(os.environ.get("KILL_IN_SAVE_AT", "-1")):
+        open(os.environ["KILL_MARKER"], "w").close()
+        time.sleep(60)
+    return real_save(obj, path)
+
+
+checkpoint.torch.save = save_or_hang
+from llamavit.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def _records(path):
+    import json
+    with open(path) as f:
+        return [{k: v for k, v in r.items() if k != "img_per_s"} for r in map(json.loads, f)]
+
+
+def _final_weights(run_dir):
+    from llamavit.train.checkpoint import latest_checkpoint
+    return load_file(os.path.join(latest_checkpoint(str(run_dir)), "model.safetensors"))
+
+
+def test_sigkill_at_any_moment_resumes_to_the_uninterrupted_run(tmp_path, capsys):
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+    args = ["train", *TINY, "--epochs", "4", "--ckpt-every", "2", "--log-every", "3", "--seed", "5"]
+    out, marker = tmp_path / "killed", tmp_path / "in_save"
+    script = tmp_path / "killable.py"
+    script.write_text(KILLABLE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KILL_MARKER": str(marker)}   # one thread: the same sums
+
+    def start(*extra, kill_in_save_at=-1, output=out):
+        return subprocess.Popen([sys.executable, str(script), *map(str, args), "--output", str(output), *extra],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**env, "KILL_IN_SAVE_AT": str(kill_in_save_at)})
+
+    assert start(output=tmp_path / "whole").wait(timeout=180) == 0   # the uninterrupted run
+
+    # 1: inside the checkpoint write of step 6
+    proc = start(kill_in_save_at=6)
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert marker.exists(), "the run never reached the checkpoint write"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    leftovers = [d for d in os.listdir(out / "checkpoints") if d.startswith(".tmp-")]
+    assert leftovers and (out / "checkpoints" / "latest").read_text() == "step-00000004"   # the last complete one
+    # 2-4: a chain of kills at seeded random moments, each followed by --resume
+    rng = random.Random(11)
+    for _ in range(3):
+        proc = start("--resume")
+        time.sleep(rng.uniform(2.5, 5.0))   # the interpreter starts in ~2 s, a step takes ~20 ms
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert start("--resume").wait(timeout=180) == 0
+    assert _records(out / "log.jsonl") == _records(tmp_path / "whole" / "log.jsonl")
+    whole, killed = _final_weights(tmp_path / "whole"), _final_weights(out)
+    assert whole.keys() == killed.keys() and all(torch.equal(whole[k], killed[k]) for k in whole)
+    assert not [d for d in os.listdir(out / "checkpoints") if d.startswith(".tmp-")]

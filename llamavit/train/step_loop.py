@@ -446,8 +446,9 @@ class StepLoop:
             return False
         changes = self._restore_newest_intact(ckpt)
         if self.is_main and os.path.isfile(self.log_path):   # drop what came after the checkpoint, and stops' records
-            self.history = [r for r in read_log(self.log_path)
-                            if r.get("step", 0) <= self.step and not r.get("partial")]
+            # a stop's partial record goes (its window is in the checkpoint); the run's own last record stays
+            self.history = [r for r in read_log(self.log_path) if r.get("step", 0) <= self.step
+                            and not (r.get("partial") and r["step"] < self.total_steps)]
             with open(self.log_path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.history)
         if changes:
