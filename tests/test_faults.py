@@ -387,3 +387,20 @@ def test_sigkill_at_any_moment_resumes_to_the_uninterrupted_run(tmp_path, capsys
     whole, killed = _final_weights(tmp_path / "whole"), _final_weights(out)
     assert whole.keys() == killed.keys() and all(torch.equal(whole[k], killed[k]) for k in whole)
     assert not [d for d in os.listdir(out / "checkpoints") if d.startswith(".tmp-")]
+
+
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_one_before_resumes(tmp_path, capsys):
+    args = ["train", *TINY, "--epochs", "2", "--ckpt-every", "2", "--keep-checkpoints", "3"]
+    assert run(capsys, *args, "--output", tmp_path / "whole")[0] == 0
+    assert run(capsys, *args, "--output", tmp_path / "r", "--max-steps", "6")[0] == 0
+    ckpts = tmp_path / "r" / "checkpoints"
+    (ckpts / "step-00000006" / "state.pt").write_bytes(os.urandom(512))   # a disk that tore the newest state.pt
+    code, out, err = run(capsys, *args, "--output", tmp_path / "r", "--resume")
+    assert code == 0 and "step-00000006 is damaged" in out and "resuming from the one before" in out
+    assert "weights_only=False" not in out + err
+    assert (ckpts / "damaged-step-00000006").is_dir()                     # set aside, not deleted
+    assert _records(tmp_path / "r" / "log.jsonl") == _records(tmp_path / "whole" / "log.jsonl")
+    for ckpt in ckpts.glob("step-*"):                                     # every checkpoint damaged: one line
+        (ckpt / "state.pt").write_bytes(b"\x80junk")
+    code, _, err = run(capsys, *args, "--output", tmp_path / "r", "--resume")
+    assert code == 2 and "no intact checkpoint to resume from in" in one_line_error(err, "train")

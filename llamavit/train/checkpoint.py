@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import shutil
+import warnings
 from typing import Any, Dict, List, Optional, Union
 
 import torch
@@ -131,7 +132,9 @@ def load_training_state(ckpt_dir: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise CheckpointError(f"{ckpt_dir} has no {STATE_NAME}: it is not a resumable training checkpoint")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():   # torch warns about the protocol of damaged bytes before it fails on them
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:   # damaged bytes, or objects other than tensors: never unpickled
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DamagedCheckpointError(f"{path} is damaged or holds objects other than tensors ({first[:120]})") from e

@@ -471,7 +471,10 @@ class StepLoop:
                     raise DamagedCheckpointError(f"no intact checkpoint to resume from in {self.cfg.output}: "
                                                  f"{e}") from e
                 if self.is_main:
-                    aside = os.path.join(os.path.dirname(ckpt), "damaged-" + os.path.basename(ckpt))
+                    aside = base = os.path.join(os.path.dirname(ckpt), "damaged-" + os.path.basename(ckpt))
+                    suffix = 1
+                    while os.path.exists(aside):
+                        aside, suffix = f"{base}-{suffix}", suffix + 1
                     os.replace(ckpt, aside)
                     atomic_write_text(os.path.join(os.path.dirname(ckpt), LATEST), os.path.basename(candidates[i + 1]))
                     print(f"--resume: {ckpt} is damaged ({e}); moved to {aside}, resuming from the one before")
