@@ -30,14 +30,28 @@ from .errors import USER_ERRORS
 DESCRIPTION = "llamavit: build, train, evaluate and run LLaMA-style vision transformers."
 
 
+def error_line(command: str, message: str) -> str:
+    """The one line every user error gets: `llamavit: <command>: error: <message>`."""
+    return f"llamavit: {command}: error: {' '.join(str(message).split())}"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with its usage errors as one line (and where to read the usage) instead of the usage block."""
+
+    def error(self, message: str):
+        text = f"{message} (see `{self.prog} --help`)"
+        line = error_line(self.prog.split(" ", 1)[1], text) if " " in self.prog else f"llamavit: error: {text}"
+        self.exit(2, line + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `llamavit` argument parser: every command and its flags."""
     from .train import PretrainConfig, ProbeConfig, TrainConfig
     from .train.pretrain import HELP as PRETRAIN_HELP
     from .train.probe import HELP as PROBE_HELP
-    parser = argparse.ArgumentParser(prog="llamavit", description=DESCRIPTION)
+    parser = OneLineParser(prog="llamavit", description=DESCRIPTION)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
 
     p = sub.add_parser("models", help="list model names", description="List llamavit model names.")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'illama*'")
@@ -219,10 +233,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except USER_ERRORS as e:
         if args.debug:
             raise
-        print(f"llamavit {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(error_line(args.command, e), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"llamavit {args.command}: interrupted; the last checkpoint is intact", file=sys.stderr)
+        print(f"llamavit: {args.command}: interrupted; the last checkpoint is intact", file=sys.stderr)
         return 130
     return 0
 

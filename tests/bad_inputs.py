@@ -43,6 +43,12 @@ CASES = [
      "img_size 28x28 is not a multiple of the patch size 16x16"),
     ("unknown model", ["train", "--model", "illama_tiny", "--output", "{dir}/out"],
      "unknown model 'illama_tiny'; did you mean"),
+    # the command line itself
+    ("a flag without its value", ["train", "--batch-size"], "argument --batch-size: expected one argument (see "
+     "`llamavit train --help`)"),
+    ("an unknown flag", ["train", "--batchsize", "16"], "unrecognized arguments: --batchsize 16"),
+    ("a value of the wrong type for a flag", ["train", "--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+    ("an unknown command", ["trian"], "invalid choice: 'trian'"),
     # training options
     ("log interval 0", train("--log-every", "0"), "training option log_every must be > 0, got 0"),
     ("evaluation interval 0", train("--eval-every", "0"), "training option eval_every must be > 0, got 0"),

@@ -17,7 +17,7 @@ def ctx(tmp_path_factory):
 def test_bad_input_gives_one_clear_line(ctx, case, argv, expected):
     code, err = run_case(ctx, argv)
     assert code == 2, f"{case}: exit {code}, stderr {err!r}"
-    assert err.count("\n") == 1 and err.startswith("llamavit "), f"{case}: not one line: {err!r}"
+    assert err.count("\n") == 1 and err.startswith("llamavit: "), f"{case}: not one line: {err!r}"
     assert "Traceback" not in err and expected in err, f"{case}: {err!r}"
     assert "weights_only=False" not in err   # we never advise unpickling arbitrary objects
 

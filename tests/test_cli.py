@@ -40,7 +40,7 @@ def test_unknown_model_suggests_close_names(capsys):
     code, _, err = run(capsys, "info", "illama_smal_patch16_224")
     assert code == 2
     assert err.strip().splitlines() == [
-        "llamavit info: error: unknown model 'illama_smal_patch16_224'; did you mean illama_small_patch16_224, "
+        "llamavit: info: error: unknown model 'illama_smal_patch16_224'; did you mean illama_small_patch16_224, "
         + err.split("illama_small_patch16_224, ", 1)[1].strip()]
 
 

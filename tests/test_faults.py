@@ -22,7 +22,7 @@ def run(capsys, *argv):
 
 
 def one_line_error(err: str, command: str) -> str:
-    assert err.startswith(f"llamavit {command}: error: ") and err.count("\n") == 1, err
+    assert err.startswith(f"llamavit: {command}: error: ") and err.count("\n") == 1, err
     return err
 
 

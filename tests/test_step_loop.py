@@ -153,7 +153,7 @@ def test_the_cli_reports_a_non_finite_stop_in_one_line(tmp_path, capsys):
                  "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
-    assert err.startswith("llamavit train: error: ") and ("is nan at step" in err or "became NaN or infinite" in err)
+    assert err.startswith("llamavit: train: error: ") and ("is nan at step" in err or "became NaN or infinite" in err)
 
 
 def test_a_trainer_supplies_only_its_loss():
