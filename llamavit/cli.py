@@ -11,20 +11,22 @@
     llamavit analyze activations|calibration|quantize|resolution|attention --checkpoint RUN
     llamavit ablate illama-ladder [--epochs N --seeds 0 1]   the ViT -> iLLaMA ablation ladder
     llamavit generate train|sample|eval  class-conditional DiT / DiT-LLaMA (DDPM or SiT flow), grids, FID
+    llamavit scenes build --output DIR   Fashion-MNIST scenes in the ADE20K and COCO layouts
+    llamavit segment train|eval|predict  semantic segmentation (UperNet / FPN / linear on any backbone)
     llamavit shard --data D --output DIR write WebDataset shards
     llamavit demo                        a short Fashion-MNIST run, evaluation and predictions
-Every trainer (train, pretrain, probe, finetune, generate train) runs on the one step loop and takes its
+Every trainer (train, pretrain, probe, finetune, generate train, segment train) runs on the one step loop and takes its
 flags: --resume, --amp, --grad-accum-steps, --compile, --fsdp (under torchrun), --ema-decay, ...
 """
 import argparse
 import json
-import os
 import sys
 from typing import List, Optional
 
 from .cli_analyses import add_ablate_parser, add_analyze_parser, cmd_ablate, cmd_analyze
+from .cli_dense import add_scenes_parser, add_segment_parser, cmd_scenes, cmd_segment
 from .cli_generate import add_generate_parser, cmd_generate
-from .cli_options import add_config_flags, config_from_args, flag_values
+from .cli_options import add_config_flags, config_from_args, flag_values, run_and_print
 from .errors import USER_ERRORS
 
 DESCRIPTION = "llamavit: build, train, evaluate and run LLaMA-style vision transformers."
@@ -106,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_analyze_parser(sub)    # activations | calibration | quantize | resolution | attention
     add_ablate_parser(sub)
     add_generate_parser(sub)   # generate train | sample | eval
+    add_scenes_parser(sub)     # scenes build
+    add_segment_parser(sub)    # segment train | eval | predict
 
     p = sub.add_parser("shard", help="write WebDataset tar shards of a dataset", description=(
         "Write the train and val splits of Fashion-MNIST or an ImageFolder directory as WebDataset tar shards "
@@ -149,7 +153,7 @@ def cmd_info(args) -> None:
 
 def cmd_train(args) -> None:
     from .train import TrainConfig, train
-    _run_and_print(train, config_from_args(TrainConfig, args))
+    run_and_print(train, config_from_args(TrainConfig, args))
 
 
 def cmd_finetune(args) -> None:
@@ -158,31 +162,18 @@ def cmd_finetune(args) -> None:
     options = {**yaml_values(args.config), **flag_values(args, TrainConfig)}   # the flags win, as everywhere
     if not options.get("checkpoint_path"):
         raise ValueError("finetune needs --checkpoint-path (a pre-trained llamavit run or an official file)")
-    _run_and_print(finetune, finetune_config(options.pop("checkpoint_path"), **options))
+    run_and_print(finetune, finetune_config(options.pop("checkpoint_path"), **options))
 
 
 def cmd_pretrain(args) -> None:
     from .train import MAE_DEFAULTS, PretrainConfig, pretrain
     defaults = MAE_DEFAULTS if args.objective == "mae" else None
-    _run_and_print(pretrain, config_from_args(PretrainConfig, args, defaults, objective=args.objective))
+    run_and_print(pretrain, config_from_args(PretrainConfig, args, defaults, objective=args.objective))
 
 
 def cmd_probe(args) -> None:
     from .train import ProbeConfig, probe
-    _run_and_print(probe, config_from_args(ProbeConfig, args), drop=("history",))
-
-
-def _run_and_print(run, cfg, drop=()) -> None:
-    """Run a trainer; rank 0 prints its summary as JSON (the process group is left on the way out)."""
-    from .train.distributed import shutdown_distributed
-    finished = False
-    try:
-        summary = run(cfg)
-        finished = True
-    finally:
-        shutdown_distributed(finished)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: v for k, v in summary.items() if k not in drop}, indent=2))
+    run_and_print(probe, config_from_args(ProbeConfig, args), drop=("history",))
 
 
 def cmd_eval(args) -> None:
@@ -222,7 +213,8 @@ def cmd_demo(args) -> None:
 
 COMMANDS = {"models": cmd_models, "info": cmd_info, "train": cmd_train, "pretrain": cmd_pretrain, "probe": cmd_probe,
             "finetune": cmd_finetune, "eval": cmd_eval, "predict": cmd_predict, "analyze": cmd_analyze,
-            "ablate": cmd_ablate, "generate": cmd_generate, "shard": cmd_shard, "demo": cmd_demo}
+            "ablate": cmd_ablate, "generate": cmd_generate, "shard": cmd_shard, "demo": cmd_demo,
+            "scenes": cmd_scenes, "segment": cmd_segment}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -5,6 +5,8 @@ Every field of a config dataclass becomes a flag (`--batch-size`, `--no-progress
 """
 import argparse
 import dataclasses
+import json
+import os
 import typing
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -82,8 +84,10 @@ def add_config_flags(p: argparse.ArgumentParser, config_cls: type, extra_help: O
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
         if hint is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif f.name == "model_kwargs":
+        elif "Dict" in str(hint):   # model_kwargs, backbone_kwargs
             p.add_argument(flag, nargs="+", metavar="KEY=VALUE", **kw)
+        elif "Tuple[int" in str(hint):
+            p.add_argument(flag, nargs="+", type=int, **kw)
         elif "Tuple" in str(hint):
             p.add_argument(flag, nargs="+", type=float, **kw)
         elif hint in (int, float):
@@ -95,11 +99,13 @@ def add_config_flags(p: argparse.ArgumentParser, config_cls: type, extra_help: O
 
 
 def flag_values(args: argparse.Namespace, config_cls: type) -> Dict[str, Any]:
-    """The config fields given on the command line (model_kwargs parsed)."""
+    """The config fields given on the command line (KEY=VALUE lists of the dict options parsed)."""
+    hints = typing.get_type_hints(config_cls)
     names = {f.name for f in dataclasses.fields(config_cls)}
     values = {k: v for k, v in vars(args).items() if k in names}
-    if "model_kwargs" in values:
-        values["model_kwargs"] = parse_kv(values["model_kwargs"])
+    for name, value in values.items():
+        if "Dict" in str(hints[name]):
+            values[name] = parse_kv(value)
     return values
 
 
@@ -107,3 +113,16 @@ def config_from_args(config_cls: type, args: argparse.Namespace, defaults: Optio
                      **fixed):
     """config_cls from defaults < --config YAML (if the command has one) < flags < fixed."""
     return config_cls.from_yaml(getattr(args, "config", None), defaults, **{**flag_values(args, config_cls), **fixed})
+
+
+def run_and_print(run, cfg, drop=()) -> None:
+    """Run a trainer; rank 0 prints its summary as JSON (the process group is left on the way out)."""
+    from .train.distributed import shutdown_distributed
+    finished = False
+    try:
+        summary = run(cfg)
+        finished = True
+    finally:
+        shutdown_distributed(finished)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in summary.items() if k not in drop}, indent=2))

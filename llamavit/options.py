@@ -91,12 +91,15 @@ def _in_range(v, kind: str, bound) -> Tuple[bool, str]:
         return all(bound[0] <= x < bound[1] for x in v), f"numbers in [{bound[0]}, {bound[1]})"
     if kind == "sorted":
         return 0 < v[0] <= v[1] <= 1, "two numbers 0 < low <= high <= 1"
+    if kind == "increasing":
+        return 0 < v[0] <= v[1], "two numbers 0 < low <= high"
     raise ValueError(f"unknown range rule {kind!r}")
 
 
 def check_ranges(values: Mapping[str, Any], rules: Dict[str, Tuple[str, Any]], what: str) -> None:
     """rules: {name: (kind, bound)} with kind '>' / '>=' / '<=' (a number), 'in' (lo, hi) closed-open, 'each in'
-    (every element in [lo, hi)), or 'sorted' (a pair 0 < low <= high <= 1); absent or None values are skipped."""
+    (every element in [lo, hi)), 'sorted' (a pair 0 < low <= high <= 1) or 'increasing' (0 < low <= high);
+    absent or None values are skipped."""
     for name, (kind, bound) in rules.items():
         v = values.get(name)
         if v is None:

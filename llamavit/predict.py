@@ -1,11 +1,16 @@
-"""Classifying image files with a trained checkpoint."""
+"""Running trained checkpoints on image files: classes (classifiers), per-pixel classes (segmenters)."""
 from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
+from torchvision import tv_tensors
+from torchvision.transforms.functional import pil_to_tensor
 
 from .data import TransformConfig, build_transform
+from .data.dense import DenseTransformConfig, build_dense_transform
+from .dense import predict_logits
 from .errors import ImageReadError
 
 
@@ -35,3 +40,20 @@ def predict_images(model: nn.Module, paths: Sequence[str], transform_cfg: Transf
     values, indices = probs.topk(k, dim=-1)
     return [[(classes[i] if i < len(classes) else str(i), v) for v, i in zip(vs.tolist(), ids.tolist())]
             for vs, ids in zip(values, indices)]
+
+
+@torch.no_grad()
+def segment_images(model: nn.Module, paths: Sequence[str], transform_cfg: DenseTransformConfig, num_classes: int,
+                   mode: str = "whole", crop: int = 0, stride: int = 0) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """For each image file: (the image uint8 (3, H, W), predicted class per pixel int64 (H, W)) at the file's
+    own size (the model sees it resized as in validation; the labels are resized back, nearest)."""
+    tf = build_dense_transform(transform_cfg, train=False, task="segment")
+    model.eval()
+    results = []
+    for path in paths:
+        image = pil_to_tensor(load_image(path).convert("RGB"))
+        logits = predict_logits(model, tf(tv_tensors.Image(image)).as_subclass(torch.Tensor)[None], num_classes,
+                                mode, crop, stride)
+        labels = F.interpolate(logits.argmax(1, keepdim=True).float(), size=image.shape[-2:], mode="nearest")
+        results.append((image, labels[0, 0].long()))
+    return results

@@ -74,6 +74,7 @@ def offenders(source_prefix: str, forbidden: tuple):
                          "llamavit.objectives", "llamavit.cli")),
     ("llamavit.models", ("llamavit.train", "llamavit.eval", "llamavit.data", "llamavit.objectives", "llamavit.cli")),
     ("llamavit.objectives", ("llamavit.train", "llamavit.eval", "llamavit.data", "llamavit.cli")),
+    ("llamavit.dense", ("llamavit.train", "llamavit.eval", "llamavit.data", "llamavit.objectives", "llamavit.cli")),
 ])
 def test_data_flows_one_way(source, forbidden):
     assert not offenders(source, forbidden)

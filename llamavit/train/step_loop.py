@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
+from timm.scheduler import CosineLRScheduler, PolyLRScheduler
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, TensorDataset
 from tqdm import tqdm
@@ -199,6 +199,7 @@ class StepLoop:
     """fit(): train from step `self.step` to the end (or `max_steps`, or `time_limit_s()`), then summarise."""
 
     progress_desc = "train"
+    collate_fn = None                    # the DataLoader's (None: torch's default); detection pads its targets
     step_salt = 104729                   # each trainer draws its step's randomness from (seed, step, salt + rank)
 
     # --- set-up, called by the trainer's __init__ in this order --------------------------------
@@ -247,7 +248,8 @@ class StepLoop:
 
         model: the part of `module` whose weights make the checkpoint's model.safetensors (the trunk of a
         pre-training objective); default the module itself. The rest of the module (a decoder) is saved
-        with the optimiser. schedule: 'cosine' (timm's, per step, with linear warm-up) or 'constant'.
+        with the optimiser. schedule: 'cosine' or 'poly' (timm's, per step, with linear warm-up; poly of power
+        1 as mmseg's PolyLR) or 'constant'.
         ema_decay > 0: an EMA of `model` (`ema_class`: timm's ModelEmaV3 or a subclass), updated after every
         optimiser step with the number of steps done.
         """
@@ -266,8 +268,11 @@ class StepLoop:
         if schedule == "cosine":
             self.scheduler = CosineLRScheduler(self.optimizer, t_initial=self.total_steps, lr_min=min_lr,
                                                warmup_t=warmup_steps, warmup_lr_init=warmup_lr, t_in_epochs=False)
+        elif schedule == "poly":
+            self.scheduler = PolyLRScheduler(self.optimizer, t_initial=self.total_steps, power=1.0, lr_min=min_lr,
+                                             warmup_t=warmup_steps, warmup_lr_init=warmup_lr, t_in_epochs=False)
         elif schedule != "constant":
-            raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+            raise ValueError(f"schedule must be 'cosine', 'poly' or 'constant', got {schedule!r}")
         self.ema = ema_class(self.model, decay=ema_decay) if ema_decay > 0 else None
 
     # --- to implement ---------------------------------------------------------------------------
@@ -334,13 +339,15 @@ class StepLoop:
         if self.streaming:
             self.train_set.epoch = epoch
             local = self.cfg.batch_size // self.env.world_size
-            loader = DataLoader(self.train_set, batch_size=local, num_workers=self.cfg.num_workers, drop_last=True)
+            loader = DataLoader(self.train_set, batch_size=local, num_workers=self.cfg.num_workers, drop_last=True,
+                                collate_fn=self.collate_fn)
             return itertools.islice(loader, start_batch, self.steps_per_epoch)
         self.sampler.epoch, self.sampler.start_batch = epoch, start_batch
         if isinstance(self.train_set, TensorDataset):   # cached tensors (probe features): index whole batches
             return (tuple(t[idx] for t in self.train_set.tensors) for idx in map(torch.tensor, self.sampler))
         self.train_set.epoch = epoch
-        return DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=self.cfg.num_workers)
+        return DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=self.cfg.num_workers,
+                          collate_fn=self.collate_fn)
 
     def train_step(self, *batch) -> Dict[str, float]:
         """One optimiser step on a global batch (this rank's slice of it) -> the global-batch mean of each term."""

@@ -1,0 +1,129 @@
+"""`llamavit scenes build` and `llamavit segment train|eval|predict` (thin; the library does the work).
+
+    llamavit scenes build --output data/scenes            Fashion-MNIST scenes in the ADE20K and COCO layouts
+    llamavit segment train --data data/scenes --backbone visionllama_pyramid_small_224 --head upernet
+    llamavit segment eval --checkpoint RUN [--mode slide]   mIoU, mAcc, aAcc and per-class IoU
+    llamavit segment predict IMG... --checkpoint RUN --output DIR   overlay PNGs and label maps
+"""
+import dataclasses
+import json
+import os
+
+from .cli_options import add_config_flags, config_from_args, run_and_print
+
+
+def add_scenes_parser(sub) -> None:
+    """`llamavit scenes build`."""
+    from .data.scenes import SceneConfig
+    p = sub.add_parser("scenes", help="build the Fashion-MNIST scenes (segmentation + detection data)",
+                       description="Deterministic scenes of Fashion-MNIST items pasted at random scales and positions "
+                                   "(occluding each other), written in the ADE20K and COCO layouts. Derived from real "
+                                   "images; not a standard benchmark.")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = actions.add_parser("build", help="write the scenes", description="Write the scenes into --output "
+                           "(skipped when the same scenes are there already).")
+    a.add_argument("--output", required=True, help="directory for the scenes")
+    defaults = SceneConfig()
+    for f in dataclasses.fields(SceneConfig):
+        a.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(getattr(defaults, f.name)),
+                       default=getattr(defaults, f.name), help=f"(default: {getattr(defaults, f.name)})")
+
+
+def cmd_scenes(args) -> None:
+    from .data.scenes import SceneConfig, build_scenes
+    cfg = SceneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SceneConfig)})
+    manifest = build_scenes(args.output, cfg, progress=True)
+    counts = manifest["counts"]
+    print(f"{args.output}: {counts['train']['images']} training and {counts['val']['images']} validation scenes, "
+          f"{len(manifest['classes'])} segmentation classes, {len(manifest['categories'])} detection categories")
+
+
+def add_segment_parser(sub) -> None:
+    """`llamavit segment train|eval|predict`."""
+    from .train.segment import HELP, SegmentConfig
+    p = sub.add_parser("segment", help="semantic segmentation: train, evaluate, predict",
+                       description="Semantic segmentation with any llamavit or timm backbone (UperNet, FPN or linear "
+                                   "head) on ADE20K-layout data.")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = actions.add_parser("train", help="train a segmenter", description=(
+        "Train a segmenter on the step loop (every loop flag: --resume, --amp, --grad-accum-steps, ...); validation "
+        "mIoU each epoch; summary.json holds miou. Options from --config (YAML) overridden by flags."))
+    a.add_argument("--config", help="YAML file of options (see configs/)")
+    add_config_flags(a, SegmentConfig, HELP)
+
+    def inference_flags(q):
+        q.add_argument("--checkpoint", required=True, help="a `segment train` run or checkpoint directory")
+        q.add_argument("--mode", choices=["whole", "slide"], default="whole", help="inference (default: whole)")
+        q.add_argument("--stride", type=int, default=0, help="slide stride (default: 2/3 of the training crop)")
+        q.add_argument("--ema", action="store_true", help="use the EMA weights")
+        q.add_argument("--device", default="cpu")
+
+    e = actions.add_parser("eval", help="mIoU of a segmenter", description="mIoU, mAcc, aAcc and per-class IoU of a "
+                           "checkpoint on the validation split of --data (default: the data it was trained on).")
+    inference_flags(e)
+    e.add_argument("--data", help="ADE20K-layout directory (default: the run's)")
+    e.add_argument("--batch-size", type=int, default=1, help="images per batch (they must share a size)")
+    e.add_argument("--json", action="store_true", help="print JSON")
+
+    r = actions.add_parser("predict", help="segment image files", description="Per-pixel classes of image files: "
+                           "writes <output>/<name>.png (overlay) and <name>_labels.png (class index per pixel).")
+    r.add_argument("images", nargs="+", help="image files")
+    inference_flags(r)
+    r.add_argument("--output", required=True, help="directory for the PNGs")
+
+
+def cmd_segment(args) -> None:
+    if args.action == "train":
+        from .train.segment import SegmentConfig, segment
+        run_and_print(segment, config_from_args(SegmentConfig, args), drop=("acc",))
+    elif args.action == "eval":
+        _segment_eval(args)
+    else:
+        _segment_predict(args)
+
+
+def _segment_eval(args) -> None:
+    from .data.dense import ADE20KSegmentation, DenseTransformConfig, build_dense_transform
+    from .eval.segmentation import evaluate_segmentation
+    from .train.segment import load_segmenter
+    model, meta = load_segmenter(args.checkpoint, use_ema=args.ema)
+    tcfg = DenseTransformConfig(**meta["transform"])
+    data = args.data or meta["data"]
+    dataset = ADE20KSegmentation(data, "validation", build_dense_transform(tcfg, False, "segment"))
+    if list(dataset.classes) != list(meta["classes"]):
+        raise ValueError(f"{data} names other classes than the checkpoint was trained on")
+    model.to(args.device)
+    metrics = evaluate_segmentation(model, dataset, len(meta["classes"]), meta["classes"], mode=args.mode,
+                                    crop=tcfg.img_size, stride=args.stride, batch_size=args.batch_size,
+                                    device=args.device)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return
+    print(f"{data} ({len(dataset)} images, {args.mode}): mIoU {metrics['miou']:.2%}  mAcc {metrics['macc']:.2%}  "
+          f"aAcc {metrics['aacc']:.2%}")
+    for name, iou in metrics["iou"].items():
+        print(f"  {name}: IoU {iou:.2%}")
+
+
+def _segment_predict(args) -> None:
+    from PIL import Image
+
+    from .data.dense import DenseTransformConfig
+    from .dense.draw import segmentation_overlay
+    from .predict import segment_images
+    from .train.segment import load_segmenter
+    model, meta = load_segmenter(args.checkpoint, use_ema=args.ema)
+    tcfg = DenseTransformConfig(**meta["transform"])
+    classes = meta["classes"]
+    os.makedirs(args.output, exist_ok=True)
+    results = segment_images(model.to(args.device), args.images, tcfg, len(classes), args.mode, tcfg.img_size,
+                             args.stride)
+    for path, (image, labels) in zip(args.images, results):
+        stem = os.path.splitext(os.path.basename(path))[0]
+        overlay = segmentation_overlay(image, labels, classes)
+        Image.fromarray(overlay.permute(1, 2, 0).numpy()).save(os.path.join(args.output, stem + ".png"))
+        Image.fromarray(labels.numpy().astype("uint8")).save(
+            os.path.join(args.output, stem + "_labels.png"))
+        share = labels.flatten().bincount(minlength=len(classes)).float() / labels.numel()
+        top = sorted(((share[k].item(), classes[k]) for k in range(len(classes)) if share[k] > 0), reverse=True)[:4]
+        print(f"{path}: " + ", ".join(f"{name} {frac:.0%}" for frac, name in top))

@@ -1,0 +1,9 @@
+"""Dense prediction: backbone adapters (feature pyramids), segmentation heads and the segmenter."""
+from .heads import HEADS, FCNHead, FPNHead, LinearHead, UperNetHead, create_head
+from .pyramid import (PYRAMIDS, BackboneConfig, DenseBackbone, MultiLevelNeck, SimpleFeaturePyramid, create_backbone,
+                      default_block_indices)
+from .segmenter import Segmenter, SegmenterConfig, create_segmenter, predict_logits, slide_logits
+
+__all__ = ["HEADS", "FCNHead", "FPNHead", "LinearHead", "UperNetHead", "create_head", "PYRAMIDS", "BackboneConfig",
+           "DenseBackbone", "MultiLevelNeck", "SimpleFeaturePyramid", "create_backbone", "default_block_indices",
+           "Segmenter", "SegmenterConfig", "create_segmenter", "predict_logits", "slide_logits"]
