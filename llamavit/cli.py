@@ -13,10 +13,11 @@
     llamavit generate train|sample|eval  class-conditional DiT / DiT-LLaMA (DDPM or SiT flow), grids, FID
     llamavit scenes build --output DIR   Fashion-MNIST scenes in the ADE20K and COCO layouts
     llamavit segment train|eval|predict  semantic segmentation (UperNet / FPN / linear on any backbone)
+    llamavit detect train|eval|predict   detection / instance segmentation (torchvision FCOS ... Mask R-CNN)
     llamavit shard --data D --output DIR write WebDataset shards
     llamavit demo                        a short Fashion-MNIST run, evaluation and predictions
-Every trainer (train, pretrain, probe, finetune, generate train, segment train) runs on the one step loop and takes its
-flags: --resume, --amp, --grad-accum-steps, --compile, --fsdp (under torchrun), --ema-decay, ...
+Every trainer (train, pretrain, probe, finetune, generate train, segment train, detect train) runs on the one
+step loop and takes its flags: --resume, --amp, --grad-accum-steps, --compile, --fsdp (under torchrun), --ema-decay, ...
 """
 import argparse
 import json
@@ -24,7 +25,7 @@ import sys
 from typing import List, Optional
 
 from .cli_analyses import add_ablate_parser, add_analyze_parser, cmd_ablate, cmd_analyze
-from .cli_dense import add_scenes_parser, add_segment_parser, cmd_scenes, cmd_segment
+from .cli_dense import add_detect_parser, add_scenes_parser, add_segment_parser, cmd_detect, cmd_scenes, cmd_segment
 from .cli_generate import add_generate_parser, cmd_generate
 from .cli_options import add_config_flags, config_from_args, flag_values, run_and_print
 from .errors import USER_ERRORS
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(sub)   # generate train | sample | eval
     add_scenes_parser(sub)     # scenes build
     add_segment_parser(sub)    # segment train | eval | predict
+    add_detect_parser(sub)     # detect train | eval | predict
 
     p = sub.add_parser("shard", help="write WebDataset tar shards of a dataset", description=(
         "Write the train and val splits of Fashion-MNIST or an ImageFolder directory as WebDataset tar shards "
@@ -214,7 +216,7 @@ def cmd_demo(args) -> None:
 COMMANDS = {"models": cmd_models, "info": cmd_info, "train": cmd_train, "pretrain": cmd_pretrain, "probe": cmd_probe,
             "finetune": cmd_finetune, "eval": cmd_eval, "predict": cmd_predict, "analyze": cmd_analyze,
             "ablate": cmd_ablate, "generate": cmd_generate, "shard": cmd_shard, "demo": cmd_demo,
-            "scenes": cmd_scenes, "segment": cmd_segment}
+            "scenes": cmd_scenes, "segment": cmd_segment, "detect": cmd_detect}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,9 +1,12 @@
-"""`llamavit scenes build` and `llamavit segment train|eval|predict` (thin; the library does the work).
+"""`llamavit scenes build`, `llamavit segment|detect train|eval|predict` (thin; the library does the work).
 
     llamavit scenes build --output data/scenes            Fashion-MNIST scenes in the ADE20K and COCO layouts
     llamavit segment train --data data/scenes --backbone visionllama_pyramid_small_224 --head upernet
     llamavit segment eval --checkpoint RUN [--mode slide]   mIoU, mAcc, aAcc and per-class IoU
     llamavit segment predict IMG... --checkpoint RUN --output DIR   overlay PNGs and label maps
+    llamavit detect train --data data/scenes --backbone visionllama_pyramid_small_224 --detector fcos
+    llamavit detect eval --checkpoint RUN                  COCO box (and mask) mAP, per-class AP
+    llamavit detect predict IMG... --checkpoint RUN --output DIR   PNGs with the boxes and class names
 """
 import dataclasses
 import json
@@ -127,3 +130,90 @@ def _segment_predict(args) -> None:
         share = labels.flatten().bincount(minlength=len(classes)).float() / labels.numel()
         top = sorted(((share[k].item(), classes[k]) for k in range(len(classes)) if share[k] > 0), reverse=True)[:4]
         print(f"{path}: " + ", ".join(f"{name} {frac:.0%}" for frac, name in top))
+
+
+def add_detect_parser(sub) -> None:
+    """`llamavit detect train|eval|predict`."""
+    from .train.detect import HELP, DetectConfig
+    p = sub.add_parser("detect", help="object detection / instance segmentation: train, evaluate, predict",
+                       description="Object detection (FCOS, RetinaNet, Faster R-CNN) and instance segmentation "
+                                   "(Mask R-CNN) from torchvision on any llamavit or timm backbone, on COCO-layout "
+                                   "data.")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = actions.add_parser("train", help="train a detector", description=(
+        "Train a detector on the step loop (every loop flag: --resume, --amp, --grad-accum-steps, ...); validation "
+        "COCO mAP each epoch; summary.json holds map and map_50. Options from --config (YAML) overridden by flags."))
+    a.add_argument("--config", help="YAML file of options (see configs/)")
+    add_config_flags(a, DetectConfig, HELP)
+
+    def inference_flags(q):
+        q.add_argument("--checkpoint", required=True, help="a `detect train` run or checkpoint directory")
+        q.add_argument("--ema", action="store_true", help="use the EMA weights")
+        q.add_argument("--device", default="cpu")
+
+    e = actions.add_parser("eval", help="COCO mAP of a detector", description="COCO box mAP (and mask mAP for Mask "
+                           "R-CNN) of a checkpoint on the val split of --data (default: the data it was trained on).")
+    inference_flags(e)
+    e.add_argument("--data", help="COCO-layout directory (default: the run's)")
+    e.add_argument("--batch-size", type=int, default=1, help="images per batch (they must share a size)")
+    e.add_argument("--json", action="store_true", help="print JSON")
+
+    r = actions.add_parser("predict", help="detect objects in image files", description="Boxes (and masks) in image "
+                           "files: writes <output>/<name>.png with the detections drawn and their class names.")
+    r.add_argument("images", nargs="+", help="image files")
+    inference_flags(r)
+    r.add_argument("--output", required=True, help="directory for the PNGs")
+    r.add_argument("--score-thresh", type=float, default=0.5, help="draw detections scoring at least this")
+
+
+def cmd_detect(args) -> None:
+    if args.action == "train":
+        from .train.detect import DetectConfig, train_detector
+        run_and_print(train_detector, config_from_args(DetectConfig, args), drop=("map_per_class", "mar_100_per_class"))
+    elif args.action == "eval":
+        _detect_eval(args)
+    else:
+        _detect_predict(args)
+
+
+def _detect_eval(args) -> None:
+    from .data.dense import CocoDetection, DenseTransformConfig, build_dense_transform
+    from .train.detect import evaluate_detection, load_detector
+    model, meta = load_detector(args.checkpoint, use_ema=args.ema)
+    tcfg = DenseTransformConfig(**meta["transform"])
+    data = args.data or meta["data"]
+    dataset = CocoDetection(data, "val", build_dense_transform(tcfg, False, "detect"))
+    if list(dataset.classes) != list(meta["classes"]):
+        raise ValueError(f"{data} names other categories than the checkpoint was trained on")
+    masks = meta["detector"]["arch"] == "mask_rcnn"
+    metrics = evaluate_detection(model.to(args.device), dataset, meta["classes"], masks=masks, device=args.device,
+                                 batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return
+    line = f"{data} ({len(dataset)} images): box mAP {metrics['map']:.2%}  mAP@0.5 {metrics['map_50']:.2%}"
+    if masks:
+        line += f"  mask mAP {metrics['mask_map']:.2%}"
+    print(line)
+    for name, ap in metrics["map_per_class"].items():
+        print(f"  {name}: AP {ap:.2%}")
+
+
+def _detect_predict(args) -> None:
+    from PIL import Image
+
+    from .data.dense import DenseTransformConfig
+    from .dense.detection import draw_detections
+    from .predict import detect_images
+    from .train.detect import load_detector
+    model, meta = load_detector(args.checkpoint, use_ema=args.ema)
+    classes = meta["classes"]
+    os.makedirs(args.output, exist_ok=True)
+    results = detect_images(model.to(args.device), args.images, DenseTransformConfig(**meta["transform"]))
+    for path, (image, found) in zip(args.images, results):
+        stem = os.path.splitext(os.path.basename(path))[0]
+        drawn = draw_detections(image, found, classes, score_thresh=args.score_thresh)
+        Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(os.path.join(args.output, stem + ".png"))
+        shown = [(classes[int(lab) - 1], float(s)) for lab, s in zip(found["labels"], found["scores"])
+                 if s >= args.score_thresh]
+        print(f"{path}: " + (", ".join(f"{name} {score:.2f}" for name, score in shown) or "nothing found"))

@@ -1,5 +1,6 @@
-"""Running trained checkpoints on image files: classes (classifiers), per-pixel classes (segmenters)."""
-from typing import List, Sequence, Tuple
+"""Running trained checkpoints on image files: classes (classifiers), per-pixel classes (segmenters), objects
+(detectors)."""
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -11,6 +12,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from .data import TransformConfig, build_transform
 from .data.dense import DenseTransformConfig, build_dense_transform
 from .dense import predict_logits
+from .dense.detection import detect
 from .errors import ImageReadError
 
 
@@ -56,4 +58,23 @@ def segment_images(model: nn.Module, paths: Sequence[str], transform_cfg: DenseT
                                 mode, crop, stride)
         labels = F.interpolate(logits.argmax(1, keepdim=True).float(), size=image.shape[-2:], mode="nearest")
         results.append((image, labels[0, 0].long()))
+    return results
+
+
+@torch.no_grad()
+def detect_images(detector: nn.Module, paths: Sequence[str], transform_cfg: DenseTransformConfig
+                  ) -> List[Tuple[torch.Tensor, Dict[str, torch.Tensor]]]:
+    """For each image file: (the image uint8 (3, H, W), its detections {'boxes' (N, 4) xyxy, 'scores', 'labels'
+    1..C[, 'masks' (N, 1, H, W)]}) in the file's own pixels (the detector sees it resized as in validation)."""
+    tf = build_dense_transform(transform_cfg, train=False, task="segment")
+    results = []
+    for path in paths:
+        image = pil_to_tensor(load_image(path).convert("RGB"))
+        resized = tf(tv_tensors.Image(image)).as_subclass(torch.Tensor)
+        found = {k: v.cpu() for k, v in detect(detector, resized[None])[0].items()}
+        sy, sx = image.shape[-2] / resized.shape[-2], image.shape[-1] / resized.shape[-1]
+        found["boxes"] = found["boxes"] * torch.tensor([sx, sy, sx, sy])
+        if "masks" in found:
+            found["masks"] = F.interpolate(found["masks"], size=image.shape[-2:], mode="bilinear", align_corners=False)
+        results.append((image, found))
     return results

@@ -317,3 +317,48 @@ def test_segment_refuses_a_coco_only_directory_and_a_classifier_checkpoint(scene
     assert "COCO layout only" in capsys.readouterr().err
     assert main(["segment", "eval", "--checkpoint", str(tmp_path / "nowhere")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+DET_FLAGS = ["--backbone", "visionllama_pyramid_small_224", "--backbone-kwargs",
+             *[f"{k}={json.dumps(v)}" for k, v in TINY_PYRAMID.items()], "--fpn-channels", "64", "--img-size", "64",
+             "--batch-size", "4", "--epochs", "1", "--no-progress", "--log-every", "1", "--val-subset", "2"]
+
+
+@pytest.mark.parametrize("detector", ["fcos", "mask_rcnn"])
+def test_detect_train_eval_predict_end_to_end(scenes, tmp_path, capsys, detector):
+    run = str(tmp_path / "run")
+    cap = "detections_per_img=20" if detector == "fcos" else "box_detections_per_img=20"   # the detector's own option
+    assert main(["detect", "train", "--data", scenes, "--output", run, "--detector", detector, *DET_FLAGS,
+                 "--detector-kwargs", cap]) == 0
+    summary = json.loads(open(os.path.join(run, "summary.json")).read())
+    assert summary["steps"] == 4 and 0 <= summary["map_50"] <= 1 and math.isfinite(summary["final_train_loss"])
+    assert ("mask_map" in summary) == (detector == "mask_rcnn")
+    log = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
+    assert {"loss", "classification"} <= set(log[0]) if detector == "fcos" else {"loss", "loss_mask"} <= set(log[0])
+    capsys.readouterr()
+    assert main(["detect", "eval", "--checkpoint", run, "--data", scenes, "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert set(metrics["map_per_class"]) <= {"T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                                             "Sneaker", "Bag", "Ankle boot"}
+    image = os.path.join(scenes, "val", sorted(os.listdir(os.path.join(scenes, "val")))[0])
+    assert main(["detect", "predict", image, "--checkpoint", run, "--output", str(tmp_path / "pred"),
+                 "--score-thresh", "0"]) == 0
+    drawn = Image.open(tmp_path / "pred" / (os.path.splitext(os.path.basename(image))[0] + ".png"))
+    assert drawn.size == Image.open(image).size
+    assert capsys.readouterr().out.startswith(image)
+
+
+def test_detect_refuses_an_ade20k_only_directory_and_a_segmenter_checkpoint(scenes, tmp_path, capsys):
+    ade = tmp_path / "ade"
+    for d in ("images/training", "annotations/training"):
+        os.makedirs(ade / d)
+    assert main(["detect", "train", "--data", str(ade), "--output", str(tmp_path / "r")]) == 2
+    assert "ADE20K layout only" in capsys.readouterr().err
+    run = str(tmp_path / "seg")
+    assert main(["segment", "train", "--data", scenes, "--output", run, *SEG_FLAGS, "--max-steps", "1",
+                 "--val-subset", "1"]) == 0
+    capsys.readouterr()
+    assert main(["detect", "eval", "--checkpoint", run]) == 2
+    assert "is a segment checkpoint; expected one made by `llamavit detect train`" in capsys.readouterr().err
+    assert main(["detect", "train", "--data", scenes, "--detector", "yolo"]) == 2
+    assert "detector must be one of fcos, retinanet, faster_rcnn, mask_rcnn" in capsys.readouterr().err

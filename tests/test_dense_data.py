@@ -14,7 +14,8 @@ from torchvision import tv_tensors
 
 from llamavit.data.datasets import FASHION_MNIST_DIR
 from llamavit.data.dense import (ADE20KSegmentation, CocoDetection, DenseTransformConfig, build_dense_transform,
-                                 collate_detection, collate_segmentation, detect_layout, unpad_targets)
+                                 collate_detection, collate_segmentation, detect_layout)
+from llamavit.dense.detection import batch_targets
 from llamavit.errors import DatasetError
 
 needs_fmnist = pytest.mark.skipif(not os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")),
@@ -306,7 +307,7 @@ def test_collate_and_unpad_round_trip():
     images, boxes, labels, masks = collate_detection([(torch.rand(3, 4, 5), t) for t in targets])
     assert images.shape == (2, 3, 4, 5) and boxes.shape == (2, 2, 4) and masks.shape == (2, 2, 4, 5)
     assert labels.tolist() == [[3, 1], [-1, -1]] and masks[1].sum() == 0
-    for back, t in zip(unpad_targets(boxes, labels, masks), targets):
+    for back, t in zip(batch_targets(boxes, labels, masks), targets):
         assert all(torch.equal(back[k], t[k]) for k in ("boxes", "labels", "masks"))
     _, _, labels, _ = collate_detection([(torch.rand(3, 4, 5), targets[1])])
     assert labels.tolist() == [[-1]]                                  # M >= 1

@@ -375,14 +375,3 @@ def collate_detection(batch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
             masks[i, :n] = t["masks"].to(torch.uint8)
     return torch.stack(images), boxes, labels, masks
 
-
-def unpad_targets(boxes: torch.Tensor, labels: torch.Tensor, masks: Optional[torch.Tensor] = None) -> List[Dict]:
-    """The padded (B, M, ...) tensors of `collate_detection` back to B target dicts without the label -1 rows."""
-    targets = []
-    for i in range(len(labels)):
-        keep = labels[i] >= 0
-        t = {"boxes": boxes[i][keep], "labels": labels[i][keep]}
-        if masks is not None:
-            t["masks"] = masks[i][keep]
-        targets.append(t)
-    return targets
