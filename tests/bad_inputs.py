@@ -23,6 +23,13 @@ def train(*extra, data="synthetic", output="{dir}/out", kw=KWARGS):
             "--output", output, *extra]
 
 
+def segment(data, *extra):
+    """`llamavit segment train` of a tiny linear-head segmenter on `data`."""
+    return ["segment", "train", "--data", data, "--output", "{dir}/seg", "--img-size", "32", "--batch-size", "1",
+            "--head", "linear", "--backbone-kwargs", "embed_dims=[8,8,8,8]", "depths=[1,1,1,1]",
+            "num_heads=[1,1,1,1]", "mlp_multiple_of=8", "--no-progress", *extra]
+
+
 def kwargs(*items):
     return train(kw=list(items))
 
@@ -93,6 +100,25 @@ CASES = [
     ("no such image", ["predict", "{dir}/none.png", "--checkpoint", "{run}"], "image not found"),
     ("a file that is not an image", ["predict", "{dir}/three.yaml", "--checkpoint", "{run}"], "cannot read image"),
     ("top-k of 0", ["predict", "{image}", "--checkpoint", "{run}", "--topk", "0"], "topk must be at least 1, got 0"),
+    # dense prediction
+    ("segmentation without data", ["segment", "train", "--output", "{dir}/seg"], "segmentation needs --data"),
+    ("segmentation data in neither layout", segment("{dir}/images"), "neither the ADE20K layout"),
+    ("segmentation of a COCO-only directory", segment("{dir}/coco_only"), "has the COCO layout only"),
+    ("detection of an ADE20K-only directory", ["detect", "train", "--data", "{dir}/ade_size", "--output",
+                                               "{dir}/det"], "has the ADE20K layout only"),
+    ("an annotation of another size than its image", segment("{dir}/ade_size"), "is 6x6 but its image is 8x8"),
+    ("a label above the classes", segment("{dir}/ade_label"), "has label 9 above K=2"),
+    ("an empty COCO annotation file", ["detect", "train", "--data", "{dir}/coco_empty", "--output", "{dir}/det"],
+     "is empty"),
+    ("a missing validation split", segment("{dir}/ade_train_only"), "validation not found"),
+    ("a native pyramid on a plain trunk", segment("{dir}/ade_ok", "--backbone", "visionllama_small_patch16_224",
+                                                  "--pyramid", "native", "--backbone-kwargs", "depth=1",
+                                                  "embed_dim=16", "num_heads=1"), "is a plain trunk"),
+    ("an unknown backbone", segment("{dir}/ade_ok", "--backbone", "resnet_9000"), "unknown backbone 'resnet_9000'"),
+    ("segment eval of a classifier run", ["segment", "eval", "--checkpoint", "{run}"],
+     "is not a dense checkpoint; expected one made by `llamavit segment train`"),
+    ("scenes into a directory holding other data", ["scenes", "build", "--output", "{dir}/images"],
+     "is not empty and holds no scenes.json"),
 ]
 
 
@@ -130,6 +156,7 @@ class Context:
                 image.save(folder / f"{i}.png")
         (r / "images" / "train" / "c0" / "0.png").write_bytes(b"not a png")
         images[0][0].save(r / "image.png")
+        self.make_dense()
         quiet = ["--no-progress"]
         assert main(self.argv(train(output="{run}"))) == 0
         assert main(["generate", "train", "--model", "dit_llama_s_2", "--model-kwargs", "embed_dim=32", "depth=1",
@@ -140,6 +167,28 @@ class Context:
                      "--decoder-dim", "16", "--decoder-depth", "1", "--batch-size", "16", "--max-steps", "1",
                      "--output", str(r / "pre"), *quiet]) == 0
         return self
+
+    def make_dense(self) -> None:
+        """ADE20K- and COCO-layout directories, each with one fault (and one without)."""
+        from PIL import Image
+        r = self.root
+
+        def ade(name, mask_size=8, label=1, splits=("training", "validation")):
+            for split in splits:
+                for d in ("images", "annotations"):
+                    (r / name / d / split).mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (8, 8)).save(r / name / "images" / split / "a.jpg")
+                Image.new("L", (mask_size, mask_size), label).save(r / name / "annotations" / split / "a.png")
+            (r / name / "objectInfo.csv").write_text("Idx,Ratio,Train,Val,Name\n1,0.5,1,1,wall\n2,0.5,1,1,floor\n")
+        ade("ade_ok", mask_size=32)
+        ade("ade_size", mask_size=6)
+        ade("ade_label", label=9)
+        ade("ade_train_only", splits=("training",))
+        (r / "coco_only" / "annotations").mkdir(parents=True)
+        (r / "coco_only" / "annotations" / "instances_train.json").write_text("{}")
+        (r / "coco_empty" / "annotations").mkdir(parents=True)
+        (r / "coco_empty" / "annotations" / "instances_train.json").write_text("")
+        (r / "coco_empty" / "annotations" / "instances_val.json").write_text("")
 
     def argv(self, template) -> list:
         subs = {"{dir}": str(self.root), "{run}": str(self.root / "run"), "{image}": str(self.root / "image.png"),

@@ -4,6 +4,7 @@ segmenter (padding, sliding-window inference), mIoU against a hand example, the 
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from llamavit.dense import (BackboneConfig, MultiLevelNeck, SegmenterConfig, Sim
 from llamavit.dense.pyramid import load_trunk_weights, native_levels
 from llamavit.eval.segmentation import SegmentationEvaluator, metrics_from_confusion
 from llamavit.objectives import IGNORE_INDEX, SegmentationObjective
+from llamavit.train.detect import DetectConfig
 from llamavit.train.segment import SegmentConfig, load_segmenter, segment
 
 TINY_PYRAMID = dict(embed_dims=[16, 32, 48, 64], depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4], mlp_multiple_of=8,
@@ -362,3 +364,16 @@ def test_detect_refuses_an_ade20k_only_directory_and_a_segmenter_checkpoint(scen
     assert "is a segment checkpoint; expected one made by `llamavit detect train`" in capsys.readouterr().err
     assert main(["detect", "train", "--data", scenes, "--detector", "yolo"]) == 2
     assert "detector must be one of fcos, retinanet, faster_rcnn, mask_rcnn" in capsys.readouterr().err
+
+
+RECIPES = sorted(str(p) for p in Path(__file__).resolve().parent.parent.glob("configs/*.yaml")
+                 if p.name.startswith(("ade20k_", "coco_", "scenes_")))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[os.path.basename(p) for p in RECIPES])
+def test_the_dense_recipes_are_valid_configs(path):
+    cls = DetectConfig if "detect" in path or "coco" in path else SegmentConfig
+    cfg = cls.from_yaml(path)
+    assert cfg.backbone_config().name == cfg.backbone and cfg.data
+    if "ade20k_upernet_visionllama_base" in path:   # the official recipe's facts
+        assert cfg.block_indices == (3, 5, 7, 11) and cfg.head_channels == 768 and cfg.max_steps == 160000

@@ -15,6 +15,9 @@ def checkpoint_transform(checkpoint: str) -> TransformConfig:
     if meta.get("objective") in ("aim", "mae") or "probe_head" in meta:
         raise ValueError(f"{checkpoint} is a pre-training or probe run, not a classifier: `llamavit finetune` "
                          f"its trunk (or `llamavit probe` it) first")
+    if meta.get("task") in ("segment", "detect"):
+        raise ValueError(f"{checkpoint} is a {meta['task']} run, not a classifier: use `llamavit {meta['task']} "
+                         f"eval` / `llamavit {meta['task']} predict`")
     if "transform" not in meta:
         raise ValueError(f"{checkpoint} is not a llamavit training checkpoint (no transform metadata)")
     return TransformConfig(**meta["transform"])

@@ -144,6 +144,10 @@ def model_from_checkpoint(path: str, use_ema: bool = False, **overrides) -> nn.M
     """Rebuild a model from a llamavit checkpoint (run dir, checkpoint dir or model.safetensors)."""
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
+    if meta.get("task") in ("segment", "detect"):
+        raise CheckpointError(f"{path} is a {meta['task']} run: rebuild it with llamavit.train.{meta['task']}."
+                              f"load_{'segmenter' if meta['task'] == 'segment' else 'detector'} or `llamavit "
+                              f"{meta['task']} eval`")
     if "model" not in meta:
         raise CheckpointError(f"{path} is not a llamavit checkpoint (no model metadata); use create_model(name, "
                               f"checkpoint_path=...) for official or plain weight files")

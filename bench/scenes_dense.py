@@ -1,0 +1,251 @@
+"""Dense prediction on Fashion-MNIST scenes (2 CPU threads): semantic segmentation with one head and recipe on
+every backbone, from scratch and from a Fashion-MNIST pre-training run, then detection (FCOS) on the two best.
+
+Each arm gets the same CPU budget: its step time is measured on a few steps first and the run is sized to
+`--minutes` of training (whole epochs, the poly schedule completed), then validated on the 500 validation scenes
+(whole-image inference). The scenes are derived from Fashion-MNIST items (`llamavit scenes build`), not a standard
+benchmark: the figures compare backbones with each other, not with published ADE20K / COCO numbers.
+Writes bench/results/scenes_dense.json (arms already there are kept unless re-run) and overlay PNGs
+bench/results/scenes_dense_{seg,det}_<backbone>_<init>.png (image | ground truth | prediction; boxes for detection).
+
+    python bench/scenes_dense.py                                   # every arm (~2 h on 2 quiet cores)
+    python bench/scenes_dense.py --arms visionllama_pyramid twins_svt --minutes 6
+    python bench/scenes_dense.py --smoke                           # a two-minute check of the whole pipeline
+Run it alone: two threads beside another job spin, and the budgets would measure the contention.
+"""
+import argparse
+import json
+import os
+import shutil
+import time
+
+import torch
+from machine import bf16_native, cpu_flags, cpu_model  # bench/ helper
+from torchvision.utils import make_grid, save_image
+
+from llamavit.data.dense import ADE20KSegmentation, CocoDetection, build_dense_transform
+from llamavit.data.scenes import SceneConfig, build_scenes
+from llamavit.dense import detect, draw_detections
+from llamavit.dense.draw import segmentation_overlay
+from llamavit.train import PretrainConfig, TrainConfig, Pretrainer, Trainer
+from llamavit.train.detect import DetectConfig, DetectTrainer
+from llamavit.train.segment import SegmentConfig, SegmentTrainer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results", "scenes_dense.json")
+
+# backbone: (model name, options, pyramid, input size, pre-training objectives besides classification)
+BACKBONES = {
+    "visionllama_pyramid": ("visionllama_pyramid_small_224", {}, "native", 96, ()),
+    "twins_svt": ("twins_svt_small", {}, "native", 96, ()),
+    "visionllama_plain": ("visionllama_small_patch16_224", {}, "simple", 96, ("mae",)),
+    "vit": ("vit_small_patch16_224", {}, "simple", 96, ()),
+    "illama": ("illama_small_patch16_224", {}, "simple", 96, ()),
+    "aim": ("aim_600m_patch14_224", dict(embed_dim=384, depth=12, num_heads=6, probe_layers=6), "simple", 98, ("aim",)),
+}
+SEG_RECIPE = dict(head="fpn", batch_size=16, lr=4e-4, weight_decay=0.05, warmup_steps=50, schedule="poly",
+                  drop_path=0.1, aux_head=True)
+DET_RECIPE = dict(detector="fcos", fpn_channels=128, batch_size=16, lr=2e-4, weight_decay=0.05, warmup_steps=50,
+                  schedule="poly", clip_grad=10.0)
+
+
+def seconds_per_step(trainer, steps: int = 4) -> float:
+    """Median seconds of trainer.train_step over `steps` batches (after one warm-up); the trainer is spent."""
+    batches = iter(trainer.epoch_batches(0, 0))
+    trainer.module.train()
+    times = []
+    for _ in range(max(2, min(steps + 1, trainer.steps_per_epoch))):
+        batch = next(batches)
+        t = time.perf_counter()
+        trainer.train_step(*batch)
+        times.append(time.perf_counter() - t)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def sized(trainer_cls, cfg_cls, options: dict, minutes: float, workdir: str):
+    """A trainer of cfg_cls(**options) whose whole-epoch run lasts about `minutes` (measured step time)."""
+    calib = trainer_cls(cfg_cls(**{**options, "output": os.path.join(workdir, "calibration"), "epochs": 1}))
+    step_s = seconds_per_step(calib)
+    per_epoch = calib.steps_per_epoch
+    del calib
+    shutil.rmtree(os.path.join(workdir, "calibration"), ignore_errors=True)
+    epochs = max(1, round(minutes * 60 / step_s / per_epoch))
+    shutil.rmtree(options["output"], ignore_errors=True)
+    trainer = trainer_cls(cfg_cls(**{**options, "epochs": epochs, "eval_every": epochs}))
+    return trainer, step_s, epochs
+
+
+def pretrain(backbone: str, objective: str, args) -> str:
+    """A Fashion-MNIST pre-training run of the backbone's trunk (classification, AIM or MAE) sized to
+    --pretrain-minutes, at the segmentation input size; -> its run directory (reused when complete)."""
+    name, kwargs, _, size, _ = BACKBONES[backbone]
+    out = os.path.join(args.workdir, f"pretrain-{backbone}-{objective}")
+    if os.path.isfile(os.path.join(out, "summary.json")):
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    if objective == "cls":
+        cls, cfg_cls = Trainer, TrainConfig
+        options = dict(model=name, model_kwargs=kwargs, img_size=size, in_chans=3, batch_size=64, lr=1e-3,
+                       warmup_epochs=0.05, scale=(0.35, 1.0), val_subset=1000, output=out, progress=False)
+    else:
+        cls, cfg_cls = Pretrainer, PretrainConfig
+        options = dict(objective=objective, model=name, model_kwargs=kwargs, img_size=size, in_chans=3,
+                       batch_size=64, lr=1e-3, output=out, progress=False,
+                       **(dict(decoder_dim=256, decoder_depth=4, scale=(0.2, 1.0), color_jitter_prob=0.0)
+                          if objective == "mae" else dict(decoder_dim=384, decoder_depth=2)))
+    calib = cls(cfg_cls(**{**options, "output": out + "-calibration", "train_subset": 64 * 6}))
+    step_s = seconds_per_step(calib, steps=3)
+    del calib
+    shutil.rmtree(out + "-calibration", ignore_errors=True)
+    steps = max(20, int(args.pretrain_minutes * 60 / step_s))
+    cls(cfg_cls(**{**options, "train_subset": steps * 64, "epochs": 1})).fit()
+    print(f"pre-trained {backbone} ({objective}): {steps} steps of {step_s:.2f} s -> {out}")
+    return out
+
+
+def seg_arm(backbone: str, init: str, args) -> dict:
+    name, kwargs, pyramid, size, _ = BACKBONES[backbone]
+    checkpoint = None if init == "scratch" else pretrain(backbone, init, args)
+    out = os.path.join(args.workdir, f"segment-{backbone}-{init}")
+    options = dict(SEG_RECIPE, data=args.scenes, backbone=name, backbone_kwargs=kwargs, pyramid=pyramid,
+                   img_size=size, backbone_checkpoint=checkpoint, output=out, progress=False, log_every=50,
+                   max_minutes=args.minutes * 1.5, train_subset=args.train_subset, val_subset=args.val_subset)
+    trainer, step_s, epochs = sized(SegmentTrainer, SegmentConfig, options, args.minutes, args.workdir)
+    summary = trainer.fit()
+    save_seg_overlays(trainer, os.path.join(args.overlays, f"scenes_dense_seg_{backbone}_{init}.png"))
+    return {"task": "segment", "backbone": backbone, "model": name, "init": init, "pyramid": pyramid,
+            "img_size": size, "backbone_params": sum(p.numel() for p in trainer.segmenter.backbone.trunk.parameters()),
+            "params": sum(p.numel() for p in trainer.segmenter.parameters()), "seconds_per_step": step_s,
+            "epochs": epochs, "steps": summary["steps"], "train_seconds": summary["train_seconds"],
+            "final_train_loss": summary["final_train_loss"], "miou": summary["miou"], "macc": summary["macc"],
+            "aacc": summary["aacc"], "iou": summary["iou"], "recipe": SEG_RECIPE, "pretrain_run": checkpoint}
+
+
+def det_arm(backbone: str, init: str, args) -> dict:
+    name, kwargs, pyramid, size, _ = BACKBONES[backbone]
+    checkpoint = None if init == "scratch" else pretrain(backbone, init, args)
+    out = os.path.join(args.workdir, f"detect-{backbone}-{init}")
+    options = dict(DET_RECIPE, data=args.scenes, backbone=name, backbone_kwargs=kwargs, pyramid=pyramid,
+                   img_size=size, backbone_checkpoint=checkpoint, output=out, progress=False, log_every=50,
+                   max_minutes=args.minutes * 1.5, train_subset=args.train_subset, val_subset=args.val_subset)
+    trainer, step_s, epochs = sized(DetectTrainer, DetectConfig, options, args.minutes, args.workdir)
+    summary = trainer.fit()
+    save_det_overlays(trainer, os.path.join(args.overlays, f"scenes_dense_det_{backbone}_{init}.png"))
+    return {"task": "detect", "backbone": backbone, "model": name, "init": init, "pyramid": pyramid,
+            "img_size": size, "params": sum(p.numel() for p in trainer.detector.parameters()),
+            "seconds_per_step": step_s, "epochs": epochs, "steps": summary["steps"],
+            "train_seconds": summary["train_seconds"], "final_train_loss": summary["final_train_loss"],
+            "map": summary["map"], "map_50": summary["map_50"], "map_75": summary["map_75"],
+            "map_per_class": summary["map_per_class"], "recipe": DET_RECIPE, "pretrain_run": checkpoint}
+
+
+def _raw_images(root: str, split_dir: str, count: int):
+    files = sorted(os.listdir(os.path.join(root, split_dir)))[:count]
+    from torchvision.io import read_image
+    return [read_image(os.path.join(root, split_dir, f)) for f in files]
+
+
+def save_seg_overlays(trainer, path: str, count: int = 4) -> None:
+    """Rows of image | ground truth | prediction for the first validation scenes."""
+    cfg = trainer.cfg
+    data = ADE20KSegmentation(cfg.data, "validation", build_dense_transform(cfg.transform_config(), False, "segment"))
+    model = trainer.segmenter.eval()
+    tiles = []
+    with torch.no_grad():
+        for i, raw in enumerate(_raw_images(cfg.data, "images/validation", count)):
+            image, mask = data[i]
+            pred = model(image[None]).argmax(1)[0]
+            if pred.shape != raw.shape[-2:]:
+                pred = torch.nn.functional.interpolate(pred[None, None].float(), size=raw.shape[-2:])[0, 0].long()
+                mask = torch.nn.functional.interpolate(mask[None, None].float(), size=raw.shape[-2:])[0, 0].long()
+            tiles += [raw, segmentation_overlay(raw, mask, trainer.classes, 0.6),
+                      segmentation_overlay(raw, pred, trainer.classes, 0.6)]
+    save_image(make_grid(tiles, nrow=3, padding=2).float() / 255, path)
+
+
+def save_det_overlays(trainer, path: str, count: int = 4) -> None:
+    """Rows of image with ground-truth boxes | predicted boxes (score >= 0.3) for the first validation scenes."""
+    cfg = trainer.cfg
+    data = CocoDetection(cfg.data, "val", build_dense_transform(cfg.transform_config(), False, "detect"))
+    tiles = []
+    for i, raw in enumerate(_raw_images(cfg.data, "val", count)):
+        image, target = data[i]
+        found = detect(trainer.detector, image[None])[0]
+        truth = {"boxes": target["boxes"], "labels": target["labels"], "scores": torch.ones(len(target["labels"]))}
+        tiles += [draw_detections(raw, truth, trainer.classes, 0.0), draw_detections(raw, found, trainer.classes, 0.3)]
+    save_image(make_grid(tiles, nrow=2, padding=2).float() / 255, path)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arms", nargs="+", default=list(BACKBONES), choices=list(BACKBONES), help="backbones")
+    ap.add_argument("--inits", nargs="+", default=["scratch", "pretrained"],
+                    choices=["scratch", "cls", "aim", "mae", "pretrained"],
+                    help="cls: a classification run; aim / mae: those pre-trainings where the family has them; "
+                         "pretrained: cls and the family's own")
+    ap.add_argument("--minutes", type=float, default=6.0, help="training budget per arm")
+    ap.add_argument("--pretrain-minutes", type=float, default=8.0, help="budget per pre-training run")
+    ap.add_argument("--detect", type=int, default=2, help="detection arms: the N best segmentation arms")
+    ap.add_argument("--workdir", default="runs/bench_scenes_dense")
+    ap.add_argument("--scenes", default="", help="scenes directory (default: <workdir>/scenes, built if missing)")
+    ap.add_argument("--train-subset", type=int, default=0)
+    ap.add_argument("--val-subset", type=int, default=0)
+    ap.add_argument("--smoke", action="store_true", help="tiny scenes and budgets: checks the pipeline")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    if args.smoke:
+        args.minutes, args.pretrain_minutes, args.train_subset, args.val_subset = 0.05, 0.05, 64, 8
+        args.workdir = os.path.join(args.workdir, "smoke")
+    args.scenes = args.scenes or os.path.join(args.workdir, "scenes")
+    args.overlays = args.workdir if args.smoke else os.path.join(HERE, "results")
+    scene_cfg = SceneConfig(train=200, val=20) if args.smoke else SceneConfig()
+    manifest = build_scenes(args.scenes, scene_cfg)
+    results = {} if args.smoke or not os.path.isfile(RESULTS) else json.load(open(RESULTS)).get("arms", {})
+    for backbone in args.arms:
+        own = ("cls", *BACKBONES[backbone][4])
+        inits = [i for i in ("scratch", *own) if i in args.inits or (i != "scratch" and "pretrained" in args.inits)]
+        for init in inits:
+            key = f"segment/{backbone}/{init}"
+            print(f"--- {key}")
+            results[key] = run_arm(seg_arm, backbone, init, args)
+            if "miou" in results[key]:
+                print(f"{key}: mIoU {results[key]['miou']:.2%} in {results[key]['train_seconds']:.0f} s")
+            write(results, args, manifest)
+    seg = sorted((r for r in results.values() if r["task"] == "segment" and "miou" in r), key=lambda r: -r["miou"])
+    for best in seg[:args.detect]:
+        key = f"detect/{best['backbone']}/{best['init']}"
+        print(f"--- {key}")
+        results[key] = run_arm(det_arm, best["backbone"], best["init"], args)
+        if "map_50" in results[key]:
+            print(f"{key}: box mAP@0.5 {results[key]['map_50']:.2%} in {results[key]['train_seconds']:.0f} s")
+        write(results, args, manifest)
+
+
+def run_arm(arm, backbone: str, init: str, args) -> dict:
+    """One arm's record; an arm that fails is recorded with its error and the others go on."""
+    try:
+        return arm(backbone, init, args)
+    except Exception as e:   # noqa: BLE001 - the benchmark reports it
+        if args.smoke:
+            raise
+        print(f"failed: {type(e).__name__}: {e}")
+        return {"task": arm.__name__[:-4].replace("seg", "segment").replace("det", "detect"), "backbone": backbone,
+                "init": init, "error": f"{type(e).__name__}: {e}"}
+
+
+def write(results: dict, args, manifest: dict) -> None:
+    if args.smoke:
+        return
+    out = {"benchmark": "Fashion-MNIST scenes: segmentation (FPN head) and detection (FCOS), equal CPU budget",
+           "note": manifest["note"], "scenes": manifest["config"],
+           "machine": {"cpu": cpu_model(), "flags": cpu_flags(), "bf16_native": bf16_native(),
+                       "threads": torch.get_num_threads()},
+           "minutes_per_arm": args.minutes, "pretrain_minutes": args.pretrain_minutes, "arms": results}
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    with open(RESULTS + ".tmp", "w") as f:
+        json.dump(out, f, indent=2)
+    os.replace(RESULTS + ".tmp", RESULTS)
+
+
+if __name__ == "__main__":
+    main()
