@@ -5,6 +5,7 @@ mmpretrain's VisionLLaMA / MAELLaMA and mmseg's PyramidVisionLLaMA), independent
 """
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -296,3 +297,40 @@ def test_pyramid_missing_key_is_named():
     del official["blocks.0.1.mlp.c_fc1.weight"]
     with pytest.raises(CheckpointError, match=r"backbone\.blocks\.0\.1\.mlp\.c_fc1\.weight \(blocks\.0\.1\.mlp\.fc1_g"):
         backbone_state_dict({f"backbone.{k}": v for k, v in official.items()}, pyramid())
+
+
+def _fake_module(name: str, cls_name: str):
+    """A module `name` holding a class `cls_name` (as mmengine's would), registered in sys.modules."""
+    import sys
+    import types
+    module = types.ModuleType(name)
+
+    def __init__(self):
+        self._log_history = np.array([0.5, 0.25])
+        self._count_history = np.array([1, 1])
+        self._max_length = 1000000
+    cls = type(cls_name, (), {"__init__": __init__, "__module__": name})
+    module.__dict__[cls_name] = cls
+    parts = name.split(".")
+    for i in range(1, len(parts) + 1):
+        sys.modules.setdefault(".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
+    sys.modules[name] = module
+    return cls, [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def test_mmengine_training_checkpoints_load_without_unpickling_their_objects(tmp_path):
+    import sys
+    from llamavit.models import read_state_dict
+    buffer, added = _fake_module("mmengine.logging.history_buffer", "HistoryBuffer")
+    weights = {"backbone.patch_embed.projection.weight": torch.randn(4, 3, 2, 2)}
+    checkpoint = {"meta": {"epoch": 800, "seed": np.int64(0), "mean": np.float64(0.5)},
+                  "state_dict": weights, "message_hub": {"log_scalars": {"train/loss": buffer()}}}
+    torch.save(checkpoint, tmp_path / "epoch_800.pth")
+    evil, more = _fake_module("payload.tools", "Payload")
+    torch.save({"state_dict": weights, "meta": evil()}, tmp_path / "evil.pth")
+    for name in set(added + more):
+        sys.modules.pop(name, None)   # mmengine is not installed: the reader must not need it
+    state = read_state_dict(str(tmp_path / "epoch_800.pth"), state_keys=("state_dict", "model"))
+    assert list(state) == list(weights) and torch.equal(state[list(weights)[0]], list(weights.values())[0])
+    with pytest.raises(CheckpointError, match="holds Python objects other than tensors.*payload.tools.Payload"):
+        read_state_dict(str(tmp_path / "evil.pth"), state_keys=("state_dict",))

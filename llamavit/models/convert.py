@@ -5,6 +5,7 @@ containers (`torch.load(weights_only=True)`)."""
 import argparse
 import os
 import pickle
+import re
 from typing import Dict, Sequence, Union
 
 import torch
@@ -47,15 +48,7 @@ def read_state_dict(path: str, state_keys: Sequence[str] = ("model", "state_dict
             return load_file(path)
         except Exception as e:
             raise DamagedCheckpointError(f"cannot read safetensors file {path}: {e}") from e
-    try:
-        # official training checkpoints carry their argparse.Namespace of arguments: allow exactly that class
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path} holds Python objects other than tensors; llamavit loads checkpoints with "
-                              f"weights_only=True and will not unpickle them ({str(e).splitlines()[0]})") from e
-    except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    obj = _load_tensors(path)
     if isinstance(obj, dict):
         for key in state_keys:
             if isinstance(obj.get(key), dict):
@@ -64,6 +57,56 @@ def read_state_dict(path: str, state_keys: Sequence[str] = ("model", "state_dict
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors (plain, or under 'model')")
     return obj
+
+
+class MMEngineRecord:
+    """Stands in for an mmengine object of a training checkpoint's bookkeeping (its log buffers): keeps the pickled
+    state, runs none of mmengine's code."""
+
+    def __setstate__(self, state) -> None:
+        self.state = state
+
+
+# what official checkpoints carry beside their tensors, allowed by name (never arbitrary classes): the
+# argparse.Namespace of the arguments (DeiT-style releases), and mmengine's log buffers with the numpy values
+# in them (OpenMMLab releases: mmseg, mmdet, mmpretrain)
+MMENGINE_RECORDS = ("mmengine.logging.history_buffer.HistoryBuffer",)
+
+
+def _checkpoint_globals() -> list:
+    import numpy as np
+    try:
+        from numpy._core import multiarray   # numpy 2
+    except ImportError:
+        from numpy.core import multiarray
+    # files written under numpy 1 and 2 name the same two functions differently
+    numpy_globals = [(fn, f"{pkg}.multiarray.{fn.__name__}") for fn in (multiarray._reconstruct, multiarray.scalar)
+                     for pkg in ("numpy.core", "numpy._core")]
+    dtypes = [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]   # their BUILD step
+    return [argparse.Namespace, np.ndarray, np.dtype, *dtypes, *numpy_globals,
+            *[(MMEngineRecord, name) for name in MMENGINE_RECORDS]]
+
+
+def _load_tensors(path: str):
+    """torch.load(weights_only=True), with the official checkpoints' bookkeeping classes (_checkpoint_globals)
+    allowed; anything else is refused."""
+    try:
+        with torch.serialization.safe_globals(_checkpoint_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} holds Python objects other than tensors; llamavit loads checkpoints with "
+                              f"weights_only=True and will not unpickle them ({_refused(str(e))})") from e
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+
+
+def _refused(message: str) -> str:
+    """What torch's weights-only unpickler refused, from its long message."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+    if found:
+        return f"it holds {found.group(1)}"
+    reason = message.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+    return reason[0] if reason else message.splitlines()[0]
 
 
 def keys_report(names, limit: int = _SHOW) -> str:
