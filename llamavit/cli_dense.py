@@ -64,7 +64,7 @@ def add_segment_parser(sub) -> None:
     e = actions.add_parser("eval", help="mIoU of a segmenter", description="mIoU, mAcc, aAcc and per-class IoU of a "
                            "checkpoint on the validation split of --data (default: the data it was trained on).")
     inference_flags(e)
-    e.add_argument("--data", help="ADE20K-layout directory (default: the run's)")
+    e.add_argument("--data", help="ADE20K- or COCO-layout directory (default: the run's)")
     e.add_argument("--batch-size", type=int, default=1, help="images per batch (they must share a size)")
     e.add_argument("--json", action="store_true", help="print JSON")
 
@@ -86,13 +86,14 @@ def cmd_segment(args) -> None:
 
 
 def _segment_eval(args) -> None:
-    from .data.dense import ADE20KSegmentation, DenseTransformConfig, build_dense_transform
+    from .data.dense import DenseTransformConfig, build_dense_transform
     from .eval.segmentation import evaluate_segmentation
-    from .train.segment import load_segmenter
+    from .train.segment import load_segmenter, segmentation_dataset
     model, meta = load_segmenter(args.checkpoint, use_ema=args.ema)
     tcfg = DenseTransformConfig(**meta["transform"])
     data = args.data or meta["data"]
-    dataset = ADE20KSegmentation(data, "validation", build_dense_transform(tcfg, False, "segment"))
+    dataset = segmentation_dataset(data, "val", build_dense_transform(tcfg, False, "segment"),
+                                   meta.get("reduce_zero_label", True))
     if list(dataset.classes) != list(meta["classes"]):
         raise ValueError(f"{data} names other classes than the checkpoint was trained on")
     model.to(args.device)

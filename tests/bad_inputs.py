@@ -103,7 +103,8 @@ CASES = [
     # dense prediction
     ("segmentation without data", ["segment", "train", "--output", "{dir}/seg"], "segmentation needs --data"),
     ("segmentation data in neither layout", segment("{dir}/images"), "neither the ADE20K layout"),
-    ("segmentation of a COCO-only directory", segment("{dir}/coco_only"), "has the COCO layout only"),
+    ("a COCO annotation file without its keys", segment("{dir}/coco_only"),
+     "is not COCO instances JSON: missing key 'images'"),
     ("detection of an ADE20K-only directory", ["detect", "train", "--data", "{dir}/ade_size", "--output",
                                                "{dir}/det"], "has the ADE20K layout only"),
     ("an annotation of another size than its image", segment("{dir}/ade_size"), "is 6x6 but its image is 8x8"),

@@ -311,14 +311,41 @@ def test_segment_bad_input_gives_one_line(scenes, tmp_path, capsys, args, messag
     assert __import__("re").search(message, err), err
 
 
-def test_segment_refuses_a_coco_only_directory_and_a_classifier_checkpoint(scenes, tmp_path, capsys):
+def test_segment_trains_on_a_coco_only_directory_and_refuses_a_bad_checkpoint(scenes, tmp_path, capsys):
     coco = tmp_path / "coco"
     os.makedirs(coco / "annotations")
-    os.link(os.path.join(scenes, "annotations", "instances_train.json"), coco / "annotations" / "instances_train.json")
-    assert main(["segment", "train", "--data", str(coco), "--output", str(tmp_path / "r")]) == 2
-    assert "COCO layout only" in capsys.readouterr().err
+    for split in ("train", "val"):
+        os.symlink(os.path.join(scenes, split), coco / split)
+        os.symlink(os.path.join(scenes, "annotations", f"instances_{split}.json"),
+                   coco / "annotations" / f"instances_{split}.json")
+    run = str(tmp_path / "run")
+    assert main(["segment", "train", "--data", str(coco), "--output", run, *SEG_FLAGS, "--max-steps", "1",
+                 "--val-subset", "2"]) == 0
+    summary = json.loads(open(os.path.join(run, "summary.json")).read())
+    assert list(summary["iou"])[:2] == ["background", "T-shirt/top"] and len(summary["iou"]) == 11
     assert main(["segment", "eval", "--checkpoint", str(tmp_path / "nowhere")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_coco_instances_become_label_maps_smaller_on_top(tmp_path):
+    from llamavit.data.dense import CocoSemantic
+    root = tmp_path / "c"
+    os.makedirs(root / "annotations")
+    os.makedirs(root / "train")
+    Image.new("RGB", (6, 4)).save(root / "train" / "a.png")
+    big = [[0, 0, 6, 0, 6, 4, 0, 4]]          # the whole image, category 7
+    small = [[1, 1, 3, 1, 3, 3, 1, 3]]        # a 2 x 2 square, category 3
+    coco = {"images": [{"id": 1, "file_name": "a.png", "width": 6, "height": 4}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [1, 1, 2, 2], "area": 4,
+                             "iscrowd": 0, "segmentation": small},
+                            {"id": 2, "image_id": 1, "category_id": 7, "bbox": [0, 0, 6, 4], "area": 24,
+                             "iscrowd": 0, "segmentation": big}],
+            "categories": [{"id": 3, "name": "cat"}, {"id": 7, "name": "sofa"}]}
+    (root / "annotations" / "instances_train.json").write_text(json.dumps(coco))
+    data = CocoSemantic(str(root), "train")
+    image, mask = data[0]
+    assert data.classes == ["background", "cat", "sofa"] and image.shape == (3, 4, 6)
+    assert mask[2, 2] == 1 and mask[0, 0] == 2 and mask[3, 5] == 2   # the small one stays on top of the big one
 
 
 DET_FLAGS = ["--backbone", "visionllama_pyramid_small_224", "--backbone-kwargs",

@@ -282,7 +282,8 @@ class CocoDetection(Dataset):
                 "labels": torch.tensor([self.label_of[a["category_id"]] for a in anns], dtype=torch.int64),
                 "masks": tv_tensors.Mask(torch.from_numpy(masks)), "image_id": image_id}
 
-    def __getitem__(self, index: int):
+    def read_item(self, index: int) -> Tuple[Image.Image, Dict]:
+        """(the image of item `index`, checked against the annotation file's size, its target)."""
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
         path = os.path.join(self.image_dir, info["file_name"])
@@ -290,12 +291,40 @@ class CocoDetection(Dataset):
         if (img.width, img.height) != (info.get("width", img.width), info.get("height", img.height)):
             raise DatasetError(f"image {path} is {img.width}x{img.height} but its annotation file says "
                                f"{info['width']}x{info['height']}")
-        image, target = _wrap_image(img), self.read_target(image_id, img.height, img.width)
+        return img, self.read_target(image_id, img.height, img.width)
+
+    def __getitem__(self, index: int):
+        img, target = self.read_item(index)
+        image = _wrap_image(img)
         if self.transform is not None:
             image, target = self.transform(image, target)
         else:
             image = image.float() / 255.0
         return _plain(image), {k: _plain(v) for k, v in target.items()}
+
+
+class CocoSemantic(CocoDetection):
+    """COCO instances as semantic label maps, for segmentation on COCO-layout data: 0 = background, label l where
+    an instance of category l lies (larger instances painted first, so smaller ones stay visible: COCO records no
+    occlusion order). `classes` = ['background'] + the categories. Items: (image float (3, H, W) after
+    `transform(image, mask)`, mask int64 (H, W))."""
+
+    def __init__(self, root: str, split: str, transform=None):
+        super().__init__(root, split, transform)
+        self.classes = ["background"] + self.classes
+
+    def __getitem__(self, index: int):
+        img, target = self.read_item(index)
+        masks, labels = target["masks"].as_subclass(torch.Tensor), target["labels"]
+        semantic = torch.zeros(masks.shape[-2:], dtype=torch.uint8)
+        for i in masks.flatten(1).sum(1).argsort(descending=True).tolist():
+            semantic[masks[i] > 0] = int(labels[i])
+        image, mask = _wrap_image(img), tv_tensors.Mask(semantic)
+        if self.transform is not None:
+            image, mask = self.transform(image, mask)
+        else:
+            image = image.float() / 255.0
+        return _plain(image), _plain(mask).long()
 
 
 @dataclass

@@ -10,10 +10,9 @@ from typing import Any, Dict, Tuple
 import torch
 from torch.utils.data import Subset
 
-from ..data.dense import ADE20KSegmentation, build_dense_transform, detect_layout
+from ..data.dense import ADE20KSegmentation, CocoSemantic, build_dense_transform, detect_layout
 from ..dense import SegmenterConfig, create_segmenter
 from ..dense.segmenter import Segmenter
-from ..errors import DatasetError
 from ..eval.segmentation import evaluate_segmentation
 from ..objectives import SegmentationObjective
 from .dense import HELP as DENSE_HELP
@@ -22,8 +21,8 @@ from .distributed import all_reduce_sum
 
 HELP = {
     **DENSE_HELP,
-    "data": "ADE20K-layout directory (images/{training,validation}/*.jpg, annotations/.../*.png), e.g. from "
-            "`llamavit scenes build`",
+    "data": "ADE20K-layout directory (images/{training,validation}/*.jpg, annotations/.../*.png) or a COCO-layout "
+            "one (its instances as label maps), e.g. from `llamavit scenes build`",
     "head": "segmentation head: upernet | fpn | linear",
     "head_channels": "head width (0 = the head's default: upernet 256, fpn 128)",
     "aux_head": "mmseg's auxiliary FCN head on the stride-16 level (training only)",
@@ -55,16 +54,20 @@ class SegmentConfig(DenseConfig):
             raise ValueError(f"eval_mode must be one of whole, slide, got {self.eval_mode!r}")
 
 
+def segmentation_dataset(data: str, split: str, transform=None, reduce_zero_label: bool = True):
+    """The `split` ('train' / 'val') of `data`: the ADE20K layout, or the COCO layout's instances as label maps
+    (background + categories) when the directory holds only that."""
+    if detect_layout(data, "segment") == "ade20k":
+        return ADE20KSegmentation(data, split, transform, reduce_zero_label=reduce_zero_label)
+    return CocoSemantic(data, split, transform)
+
+
 def segmentation_sets(cfg: SegmentConfig):
-    """(train, val) ADE20K-layout datasets of cfg.data with the dense transforms, and the class names."""
-    if detect_layout(cfg.data, "segment") != "ade20k":
-        raise DatasetError(f"{cfg.data} has the COCO layout only; segmentation reads the ADE20K layout "
-                           f"(images/training/*.jpg + annotations/training/*.png)")
+    """(train, val) datasets of cfg.data with the dense transforms, and the class names."""
     tcfg = cfg.transform_config()
-    train = ADE20KSegmentation(cfg.data, "training", build_dense_transform(tcfg, True, "segment"),
-                               reduce_zero_label=cfg.reduce_zero_label)
-    val = ADE20KSegmentation(cfg.data, "validation", build_dense_transform(tcfg, False, "segment"),
-                             reduce_zero_label=cfg.reduce_zero_label)
+    train = segmentation_dataset(cfg.data, "train", build_dense_transform(tcfg, True, "segment"),
+                                 cfg.reduce_zero_label)
+    val = segmentation_dataset(cfg.data, "val", build_dense_transform(tcfg, False, "segment"), cfg.reduce_zero_label)
     return (*subsets(cfg, train, val), list(train.classes))
 
 
@@ -86,7 +89,8 @@ class SegmentTrainer(DenseTrainer):
                            schedule=cfg.schedule, ema_decay=cfg.ema_decay)
 
     def meta(self) -> Dict[str, Any]:
-        return self.dense_meta("segment", segmenter=dataclasses.asdict(self.segmenter_cfg), classes=self.classes)
+        return self.dense_meta("segment", segmenter=dataclasses.asdict(self.segmenter_cfg), classes=self.classes,
+                               reduce_zero_label=self.cfg.reduce_zero_label)
 
     def loss(self, images: torch.Tensor, masks: torch.Tensor) -> Dict[str, torch.Tensor]:
         loss, main, aux = self.train_module(images, masks)
