@@ -41,38 +41,53 @@ def cmd_scenes(args) -> None:
           f"{len(manifest['classes'])} segmentation classes, {len(manifest['categories'])} detection categories")
 
 
+def add_task_parser(sub, task: str, config_cls: type, helps: dict, what: str, texts: dict,
+                    inference_flags=lambda q, action: None) -> None:
+    """`llamavit <task> train|eval|predict` for a dense task: train takes the config's flags; eval and predict a
+    checkpoint, --ema, --device and `inference_flags(parser, action)`; texts holds each action's help and
+    description."""
+    p = sub.add_parser(task, help=texts["help"], description=texts["description"])
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = actions.add_parser("train", help=f"train a {what}", description=(
+        f"Train a {what} on the step loop (every loop flag: --resume, --amp, --grad-accum-steps, ...); "
+        f"{texts['train']}. Options from --config (YAML) overridden by flags."))
+    a.add_argument("--config", help="YAML file of options (see configs/)")
+    add_config_flags(a, config_cls, helps)
+
+    def checkpoint_flags(q, action):
+        q.add_argument("--checkpoint", required=True, help=f"a `{task} train` run or checkpoint directory")
+        q.add_argument("--ema", action="store_true", help="use the EMA weights")
+        q.add_argument("--device", default="cpu")
+        inference_flags(q, action)
+
+    e = actions.add_parser("eval", help=texts["eval"][0], description=texts["eval"][1])
+    checkpoint_flags(e, "eval")
+    e.add_argument("--data", help=f"{texts['data']} directory (default: the run's)")
+    e.add_argument("--batch-size", type=int, default=1, help="images per batch (they must share a size)")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    r = actions.add_parser("predict", help=texts["predict"][0], description=texts["predict"][1])
+    r.add_argument("images", nargs="+", help="image files")
+    checkpoint_flags(r, "predict")
+    r.add_argument("--output", required=True, help="directory for the PNGs")
+
+
 def add_segment_parser(sub) -> None:
     """`llamavit segment train|eval|predict`."""
     from .train.segment import HELP, SegmentConfig
-    p = sub.add_parser("segment", help="semantic segmentation: train, evaluate, predict",
-                       description="Semantic segmentation with any llamavit or timm backbone (UperNet, FPN or linear "
-                                   "head) on ADE20K-layout data.")
-    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    a = actions.add_parser("train", help="train a segmenter", description=(
-        "Train a segmenter on the step loop (every loop flag: --resume, --amp, --grad-accum-steps, ...); validation "
-        "mIoU each epoch; summary.json holds miou. Options from --config (YAML) overridden by flags."))
-    a.add_argument("--config", help="YAML file of options (see configs/)")
-    add_config_flags(a, SegmentConfig, HELP)
 
-    def inference_flags(q):
-        q.add_argument("--checkpoint", required=True, help="a `segment train` run or checkpoint directory")
+    def inference_flags(q, action):
         q.add_argument("--mode", choices=["whole", "slide"], default="whole", help="inference (default: whole)")
         q.add_argument("--stride", type=int, default=0, help="slide stride (default: 2/3 of the training crop)")
-        q.add_argument("--ema", action="store_true", help="use the EMA weights")
-        q.add_argument("--device", default="cpu")
-
-    e = actions.add_parser("eval", help="mIoU of a segmenter", description="mIoU, mAcc, aAcc and per-class IoU of a "
-                           "checkpoint on the validation split of --data (default: the data it was trained on).")
-    inference_flags(e)
-    e.add_argument("--data", help="ADE20K- or COCO-layout directory (default: the run's)")
-    e.add_argument("--batch-size", type=int, default=1, help="images per batch (they must share a size)")
-    e.add_argument("--json", action="store_true", help="print JSON")
-
-    r = actions.add_parser("predict", help="segment image files", description="Per-pixel classes of image files: "
-                           "writes <output>/<name>.png (overlay) and <name>_labels.png (class index per pixel).")
-    r.add_argument("images", nargs="+", help="image files")
-    inference_flags(r)
-    r.add_argument("--output", required=True, help="directory for the PNGs")
+    add_task_parser(sub, "segment", SegmentConfig, HELP, "segmenter", {
+        "help": "semantic segmentation: train, evaluate, predict",
+        "description": "Semantic segmentation with any llamavit or timm backbone (UperNet, FPN or linear head) on "
+                       "ADE20K- or COCO-layout data.",
+        "train": "validation mIoU each epoch; summary.json holds miou",
+        "eval": ("mIoU of a segmenter", "mIoU, mAcc, aAcc and per-class IoU of a checkpoint on the validation split "
+                 "of --data (default: the data it was trained on)."),
+        "data": "ADE20K- or COCO-layout",
+        "predict": ("segment image files", "Per-pixel classes of image files: writes <output>/<name>.png (overlay) "
+                    "and <name>_labels.png (class index per pixel).")}, inference_flags)
 
 
 def cmd_segment(args) -> None:
@@ -136,35 +151,20 @@ def _segment_predict(args) -> None:
 def add_detect_parser(sub) -> None:
     """`llamavit detect train|eval|predict`."""
     from .train.detect import HELP, DetectConfig
-    p = sub.add_parser("detect", help="object detection / instance segmentation: train, evaluate, predict",
-                       description="Object detection (FCOS, RetinaNet, Faster R-CNN) and instance segmentation "
-                                   "(Mask R-CNN) from torchvision on any llamavit or timm backbone, on COCO-layout "
-                                   "data.")
-    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    a = actions.add_parser("train", help="train a detector", description=(
-        "Train a detector on the step loop (every loop flag: --resume, --amp, --grad-accum-steps, ...); validation "
-        "COCO mAP each epoch; summary.json holds map and map_50. Options from --config (YAML) overridden by flags."))
-    a.add_argument("--config", help="YAML file of options (see configs/)")
-    add_config_flags(a, DetectConfig, HELP)
 
-    def inference_flags(q):
-        q.add_argument("--checkpoint", required=True, help="a `detect train` run or checkpoint directory")
-        q.add_argument("--ema", action="store_true", help="use the EMA weights")
-        q.add_argument("--device", default="cpu")
-
-    e = actions.add_parser("eval", help="COCO mAP of a detector", description="COCO box mAP (and mask mAP for Mask "
-                           "R-CNN) of a checkpoint on the val split of --data (default: the data it was trained on).")
-    inference_flags(e)
-    e.add_argument("--data", help="COCO-layout directory (default: the run's)")
-    e.add_argument("--batch-size", type=int, default=1, help="images per batch (they must share a size)")
-    e.add_argument("--json", action="store_true", help="print JSON")
-
-    r = actions.add_parser("predict", help="detect objects in image files", description="Boxes (and masks) in image "
-                           "files: writes <output>/<name>.png with the detections drawn and their class names.")
-    r.add_argument("images", nargs="+", help="image files")
-    inference_flags(r)
-    r.add_argument("--output", required=True, help="directory for the PNGs")
-    r.add_argument("--score-thresh", type=float, default=0.5, help="draw detections scoring at least this")
+    def inference_flags(q, action):
+        if action == "predict":
+            q.add_argument("--score-thresh", type=float, default=0.5, help="draw detections scoring at least this")
+    add_task_parser(sub, "detect", DetectConfig, HELP, "detector", {
+        "help": "object detection / instance segmentation: train, evaluate, predict",
+        "description": "Object detection (FCOS, RetinaNet, Faster R-CNN) and instance segmentation (Mask R-CNN) from "
+                       "torchvision on any llamavit or timm backbone, on COCO-layout data.",
+        "train": "validation COCO mAP each epoch; summary.json holds map and map_50",
+        "eval": ("COCO mAP of a detector", "COCO box mAP (and mask mAP for Mask R-CNN) of a checkpoint on the val "
+                 "split of --data (default: the data it was trained on)."),
+        "data": "COCO-layout",
+        "predict": ("detect objects in image files", "Boxes (and masks) in image files: writes <output>/<name>.png "
+                    "with the detections drawn and their class names.")}, inference_flags)
 
 
 def cmd_detect(args) -> None:
