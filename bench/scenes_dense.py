@@ -27,6 +27,7 @@ from llamavit.data.dense import ADE20KSegmentation, CocoDetection, build_dense_t
 from llamavit.data.scenes import SceneConfig, build_scenes
 from llamavit.dense import detect, draw_detections
 from llamavit.dense.draw import segmentation_overlay
+from llamavit.models import list_models
 from llamavit.train import PretrainConfig, TrainConfig, Pretrainer, Trainer
 from llamavit.train.detect import DetectConfig, DetectTrainer
 from llamavit.train.segment import SegmentConfig, SegmentTrainer
@@ -83,9 +84,10 @@ def pretrain(backbone: str, objective: str, args) -> str:
     if os.path.isfile(os.path.join(out, "summary.json")):
         return out
     shutil.rmtree(out, ignore_errors=True)
-    if objective == "cls":
+    if objective == "cls":   # timm baselines train on llamavit's loop as 'timm:<name>'
         cls, cfg_cls = Trainer, TrainConfig
-        options = dict(model=name, model_kwargs=kwargs, img_size=size, in_chans=3, batch_size=64, lr=1e-3,
+        options = dict(model=name if name in list_models() else "timm:" + name, model_kwargs=kwargs, img_size=size,
+                       in_chans=3, batch_size=64, lr=1e-3,
                        warmup_epochs=0.05, scale=(0.35, 1.0), val_subset=1000, output=out, progress=False)
     else:
         cls, cfg_cls = Pretrainer, PretrainConfig

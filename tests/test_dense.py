@@ -58,6 +58,12 @@ def test_every_family_gives_four_levels_at_the_right_strides(name, kwargs, pyram
     assert not hasattr(backbone.trunk, "head") or not isinstance(backbone.trunk.head, nn.Linear)   # classifier gone
 
 
+def test_timm_names_work_with_and_without_the_timm_prefix():
+    bare, prefixed = tiny_backbone("resnet18", {}, "auto", 64), tiny_backbone("timm:resnet18", {}, "auto", 64)
+    assert bare.strides == prefixed.strides == [4.0, 8.0, 16.0, 32.0]
+    assert type(bare.trunk) is type(prefixed.trunk)
+
+
 def test_the_frozen_llm_vit_is_a_backbone_too():
     backbone = tiny_backbone("vit_smollm2_tiny_patch16_224", dict(depth=2), "simple", 64)
     maps = backbone(torch.randn(1, 3, 64, 64))

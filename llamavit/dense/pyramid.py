@@ -173,7 +173,9 @@ class DenseBackbone(nn.Module):
 
 
 def build_trunk(name: str, img_size: int, in_chans: int, **kwargs) -> nn.Module:
-    """A classifier-free trunk by llamavit or timm name; img_size is passed to models that take one."""
+    """A classifier-free trunk by llamavit or timm name ('timm:<name>' as create_model takes it, or the bare timm
+    name); img_size is passed to models that take one."""
+    name = name.removeprefix("timm:")
     creator = create_model if name in list_models() else timm.create_model
     try:
         return creator(name, num_classes=0, img_size=img_size, in_chans=in_chans, **kwargs)
