@@ -145,10 +145,11 @@ def backbone_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module
     return ours
 
 
-def load_openmmlab_backbone(model: nn.Module, path: str) -> nn.Module:
+def load_openmmlab_backbone(model: nn.Module, path: str, raw: Optional[Mapping[str, torch.Tensor]] = None
+                            ) -> nn.Module:
     """Load the `backbone.*` weights of an OpenMMLab file into `model` (plain or pyramid VisionLLaMA) strictly,
-    all but the classifier and a final norm the release does not have."""
-    raw = read_state_dict(path, state_keys=("state_dict", "model"))
+    all but the classifier and a final norm the release does not have; `raw`: the file's state dict when read."""
+    raw = raw if raw is not None else read_state_dict(path, state_keys=("state_dict", "model"))
     try:
         state = backbone_state_dict(raw, model)
     except CheckpointError as e:

@@ -192,10 +192,11 @@ def load_trunk_weights(trunk: nn.Module, path: str) -> None:
     segmentation / detection / MAE file (`backbone.*`) or a timm file; heads of the source are ignored."""
     from .openmmlab import is_openmmlab_state, load_openmmlab_backbone
     path = resolve_checkpoint(path)
-    if is_openmmlab_state(read_state_dict(path, state_keys=("state_dict", "model", "model_state"))):
-        load_openmmlab_backbone(trunk, path)
+    raw = read_state_dict(path, state_keys=("state_dict", "model", "model_state"))   # read once, for either
+    if is_openmmlab_state(raw):
+        load_openmmlab_backbone(trunk, path, raw)
     else:
-        load_backbone(trunk, path)
+        load_backbone(trunk, path, raw)
 
 
 def create_backbone(cfg: BackboneConfig, checkpoint: Optional[str] = None) -> DenseBackbone:

@@ -6,7 +6,7 @@ import argparse
 import os
 import pickle
 import re
-from typing import Dict, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -176,10 +176,11 @@ def load_checkpoint(model: nn.Module, path: Union[str, Sequence[str]], assign: b
     return model
 
 
-def load_backbone(model: nn.Module, path: str) -> nn.Module:
+def load_backbone(model: nn.Module, path: str, raw: Optional[Dict[str, torch.Tensor]] = None) -> nn.Module:
     """Load every trunk weight of `path` (a checkpoint file or directory) into `model`; the classifier's
-    weights are taken where they fit and left as initialised where they do not (another number of classes)."""
-    state = convert_state_dict(model, read_state_dict(path))
+    weights are taken where they fit and left as initialised where they do not (another number of classes).
+    raw: the file's state dict when it was read already."""
+    state = convert_state_dict(model, raw if raw is not None else read_state_dict(path))
     own = model.state_dict()
     fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     missing = set(own) - set(fits)
