@@ -105,40 +105,34 @@ def pretrain(backbone: str, objective: str, args) -> str:
     return out
 
 
-def seg_arm(backbone: str, init: str, args) -> dict:
+def train_arm(task: str, recipe: dict, trainer_cls, cfg_cls, backbone: str, init: str, args):
+    """Train one arm of `task` with `recipe`, sized to --minutes; -> (trainer, the record's shared fields)."""
     name, kwargs, pyramid, size, _ = BACKBONES[backbone]
     checkpoint = None if init == "scratch" else pretrain(backbone, init, args)
-    out = os.path.join(args.workdir, f"segment-{backbone}-{init}")
-    options = dict(SEG_RECIPE, data=args.scenes, backbone=name, backbone_kwargs=kwargs, pyramid=pyramid,
-                   img_size=size, backbone_checkpoint=checkpoint, output=out, progress=False, log_every=50,
-                   max_minutes=args.minutes * 1.5, train_subset=args.train_subset, val_subset=args.val_subset)
-    trainer, step_s, epochs = sized(SegmentTrainer, SegmentConfig, options, args.minutes, args.workdir)
+    options = dict(recipe, data=args.scenes, backbone=name, backbone_kwargs=kwargs, pyramid=pyramid, img_size=size,
+                   backbone_checkpoint=checkpoint, output=os.path.join(args.workdir, f"{task}-{backbone}-{init}"),
+                   progress=False, log_every=50, max_minutes=args.minutes * 1.5, train_subset=args.train_subset,
+                   val_subset=args.val_subset)
+    trainer, step_s, epochs = sized(trainer_cls, cfg_cls, options, args.minutes, args.workdir)
     summary = trainer.fit()
+    record = {"task": task, "backbone": backbone, "model": name, "init": init, "pyramid": pyramid, "img_size": size,
+              "params": sum(p.numel() for p in trainer.model.parameters()), "seconds_per_step": step_s,
+              "epochs": epochs, "steps": summary["steps"], "train_seconds": summary["train_seconds"],
+              "final_train_loss": summary["final_train_loss"], "recipe": recipe, "pretrain_run": checkpoint}
+    return trainer, summary, record
+
+
+def seg_arm(backbone: str, init: str, args) -> dict:
+    trainer, summary, record = train_arm("segment", SEG_RECIPE, SegmentTrainer, SegmentConfig, backbone, init, args)
     save_seg_overlays(trainer, os.path.join(args.overlays, f"scenes_dense_seg_{backbone}_{init}.png"))
-    return {"task": "segment", "backbone": backbone, "model": name, "init": init, "pyramid": pyramid,
-            "img_size": size, "backbone_params": sum(p.numel() for p in trainer.segmenter.backbone.trunk.parameters()),
-            "params": sum(p.numel() for p in trainer.segmenter.parameters()), "seconds_per_step": step_s,
-            "epochs": epochs, "steps": summary["steps"], "train_seconds": summary["train_seconds"],
-            "final_train_loss": summary["final_train_loss"], "miou": summary["miou"], "macc": summary["macc"],
-            "aacc": summary["aacc"], "iou": summary["iou"], "recipe": SEG_RECIPE, "pretrain_run": checkpoint}
+    return {**record, "backbone_params": sum(p.numel() for p in trainer.segmenter.backbone.trunk.parameters()),
+            **{k: summary[k] for k in ("miou", "macc", "aacc", "iou")}}
 
 
 def det_arm(backbone: str, init: str, args) -> dict:
-    name, kwargs, pyramid, size, _ = BACKBONES[backbone]
-    checkpoint = None if init == "scratch" else pretrain(backbone, init, args)
-    out = os.path.join(args.workdir, f"detect-{backbone}-{init}")
-    options = dict(DET_RECIPE, data=args.scenes, backbone=name, backbone_kwargs=kwargs, pyramid=pyramid,
-                   img_size=size, backbone_checkpoint=checkpoint, output=out, progress=False, log_every=50,
-                   max_minutes=args.minutes * 1.5, train_subset=args.train_subset, val_subset=args.val_subset)
-    trainer, step_s, epochs = sized(DetectTrainer, DetectConfig, options, args.minutes, args.workdir)
-    summary = trainer.fit()
+    trainer, summary, record = train_arm("detect", DET_RECIPE, DetectTrainer, DetectConfig, backbone, init, args)
     save_det_overlays(trainer, os.path.join(args.overlays, f"scenes_dense_det_{backbone}_{init}.png"))
-    return {"task": "detect", "backbone": backbone, "model": name, "init": init, "pyramid": pyramid,
-            "img_size": size, "params": sum(p.numel() for p in trainer.detector.parameters()),
-            "seconds_per_step": step_s, "epochs": epochs, "steps": summary["steps"],
-            "train_seconds": summary["train_seconds"], "final_train_loss": summary["final_train_loss"],
-            "map": summary["map"], "map_50": summary["map_50"], "map_75": summary["map_75"],
-            "map_per_class": summary["map_per_class"], "recipe": DET_RECIPE, "pretrain_run": checkpoint}
+    return {**record, **{k: summary[k] for k in ("map", "map_50", "map_75", "map_per_class")}}
 
 
 def _raw_images(root: str, split_dir: str, count: int):
