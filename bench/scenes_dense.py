@@ -35,14 +35,16 @@ from llamavit.train.segment import SegmentConfig, SegmentTrainer
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "scenes_dense.json")
 
-# backbone: (model name, options, pyramid, input size, pre-training objectives besides classification)
+# backbone: (model name, options, pyramid, input size, pre-training objectives besides classification,
+#            what every input side must be a multiple of)
 BACKBONES = {
-    "visionllama_pyramid": ("visionllama_pyramid_small_224", {}, "native", 96, ()),
-    "twins_svt": ("twins_svt_small", {}, "native", 96, ()),
-    "visionllama_plain": ("visionllama_small_patch16_224", {}, "simple", 96, ("mae",)),
-    "vit": ("vit_small_patch16_224", {}, "simple", 96, ()),
-    "illama": ("illama_small_patch16_224", {}, "simple", 96, ()),
-    "aim": ("aim_600m_patch14_224", dict(embed_dim=384, depth=12, num_heads=6, probe_layers=6), "simple", 98, ("aim",)),
+    "visionllama_pyramid": ("visionllama_pyramid_small_224", {}, "native", 96, (), 32),
+    "twins_svt": ("twins_svt_small", {}, "native", 96, (), 32),
+    "visionllama_plain": ("visionllama_small_patch16_224", {}, "simple", 96, ("mae",), 16),
+    "vit": ("vit_small_patch16_224", {}, "simple", 96, (), 16),
+    "illama": ("illama_small_patch16_224", {}, "simple", 96, (), 16),
+    "aim": ("aim_600m_patch14_224", dict(embed_dim=384, depth=12, num_heads=6, probe_layers=6), "simple", 98, ("aim",),
+            14),
 }
 SEG_RECIPE = dict(head="fpn", batch_size=16, lr=4e-4, weight_decay=0.05, warmup_steps=50, schedule="poly",
                   drop_path=0.1, aux_head=True)
@@ -76,23 +78,31 @@ def sized(trainer_cls, cfg_cls, options: dict, minutes: float, workdir: str):
     return trainer, step_s, epochs
 
 
+def pretrain_size(backbone: str, args) -> int:
+    """--pretrain-size rounded down to the backbone's multiple (default: the segmentation input size)."""
+    _, _, _, size, _, multiple = BACKBONES[backbone]
+    return max(multiple, (args.pretrain_size or size) // multiple * multiple)
+
+
 def pretrain(backbone: str, objective: str, args) -> str:
     """A Fashion-MNIST pre-training run of the backbone's trunk (classification, AIM or MAE) sized to
-    --pretrain-minutes, at the segmentation input size; -> its run directory (reused when complete)."""
-    name, kwargs, _, size, _ = BACKBONES[backbone]
-    out = os.path.join(args.workdir, f"pretrain-{backbone}-{objective}")
+    --pretrain-minutes at --pretrain-size; -> its run directory (reused when complete)."""
+    name, kwargs = BACKBONES[backbone][:2]
+    size = pretrain_size(backbone, args)
+    out = os.path.join(args.workdir, f"pretrain-{backbone}-{objective}-{size}px-{args.pretrain_minutes:g}min"
+                                     + ("-amp" if args.amp else ""))
     if os.path.isfile(os.path.join(out, "summary.json")):
         return out
     shutil.rmtree(out, ignore_errors=True)
     if objective == "cls":   # timm baselines train on llamavit's loop as 'timm:<name>'
         cls, cfg_cls = Trainer, TrainConfig
         options = dict(model=name if name in list_models() else "timm:" + name, model_kwargs=kwargs, img_size=size,
-                       in_chans=3, batch_size=64, lr=1e-3,
+                       in_chans=3, batch_size=64, lr=1e-3, amp=args.amp,
                        warmup_epochs=0.05, scale=(0.35, 1.0), val_subset=1000, output=out, progress=False)
     else:
         cls, cfg_cls = Pretrainer, PretrainConfig
         options = dict(objective=objective, model=name, model_kwargs=kwargs, img_size=size, in_chans=3,
-                       batch_size=64, lr=1e-3, output=out, progress=False,
+                       batch_size=64, lr=1e-3, amp=args.amp, output=out, progress=False,
                        **(dict(decoder_dim=256, decoder_depth=4, scale=(0.2, 1.0), color_jitter_prob=0.0)
                           if objective == "mae" else dict(decoder_dim=384, decoder_depth=2)))
     calib = cls(cfg_cls(**{**options, "output": out + "-calibration", "train_subset": 64 * 6}))
@@ -107,31 +117,38 @@ def pretrain(backbone: str, objective: str, args) -> str:
 
 def train_arm(task: str, recipe: dict, trainer_cls, cfg_cls, backbone: str, init: str, args):
     """Train one arm of `task` with `recipe`, sized to --minutes; -> (trainer, the record's shared fields)."""
-    name, kwargs, pyramid, size, _ = BACKBONES[backbone]
+    name, kwargs, pyramid, size = BACKBONES[backbone][:4]
     checkpoint = None if init == "scratch" else pretrain(backbone, init, args)
-    options = dict(recipe, data=args.scenes, backbone=name, backbone_kwargs=kwargs, pyramid=pyramid, img_size=size,
-                   backbone_checkpoint=checkpoint, output=os.path.join(args.workdir, f"{task}-{backbone}-{init}"),
-                   progress=False, log_every=50, max_minutes=args.minutes * 1.5, train_subset=args.train_subset,
-                   val_subset=args.val_subset)
+    options = dict(recipe, amp=args.amp, data=args.scenes, backbone=name, backbone_kwargs=kwargs, pyramid=pyramid,
+                   img_size=size, backbone_checkpoint=checkpoint,
+                   output=os.path.join(args.workdir, f"{task}-{backbone}-{init}"), progress=False, log_every=50,
+                   max_minutes=args.minutes * 1.5, train_subset=args.train_subset, val_subset=args.val_subset)
     trainer, step_s, epochs = sized(trainer_cls, cfg_cls, options, args.minutes, args.workdir)
     summary = trainer.fit()
     record = {"task": task, "backbone": backbone, "model": name, "init": init, "pyramid": pyramid, "img_size": size,
               "params": sum(p.numel() for p in trainer.model.parameters()), "seconds_per_step": step_s,
               "epochs": epochs, "steps": summary["steps"], "train_seconds": summary["train_seconds"],
-              "final_train_loss": summary["final_train_loss"], "recipe": recipe, "pretrain_run": checkpoint}
+              "final_train_loss": summary["final_train_loss"], "recipe": {**recipe, "amp": args.amp},
+              "minutes": args.minutes, "pretrain_run": checkpoint}
+    if checkpoint:
+        with open(os.path.join(checkpoint, "summary.json")) as f:
+            pre = json.load(f)
+        record["pretrain"] = {"objective": init, "img_size": pretrain_size(backbone, args), "steps": pre["steps"],
+                              "minutes": args.pretrain_minutes,
+                              **({"val_top1": pre["val_top1"]} if "val_top1" in pre else {})}
     return trainer, summary, record
 
 
 def seg_arm(backbone: str, init: str, args) -> dict:
     trainer, summary, record = train_arm("segment", SEG_RECIPE, SegmentTrainer, SegmentConfig, backbone, init, args)
-    save_seg_overlays(trainer, os.path.join(args.overlays, f"scenes_dense_seg_{backbone}_{init}.png"))
+    save_seg_overlays(trainer, os.path.join(args.overlays, f"{args.prefix}_seg_{backbone}_{init}.png"))
     return {**record, "backbone_params": sum(p.numel() for p in trainer.segmenter.backbone.trunk.parameters()),
             **{k: summary[k] for k in ("miou", "macc", "aacc", "iou")}}
 
 
 def det_arm(backbone: str, init: str, args) -> dict:
     trainer, summary, record = train_arm("detect", DET_RECIPE, DetectTrainer, DetectConfig, backbone, init, args)
-    save_det_overlays(trainer, os.path.join(args.overlays, f"scenes_dense_det_{backbone}_{init}.png"))
+    save_det_overlays(trainer, os.path.join(args.overlays, f"{args.prefix}_det_{backbone}_{init}.png"))
     return {**record, **{k: summary[k] for k in ("map", "map_50", "map_75", "map_per_class")}}
 
 
@@ -181,6 +198,11 @@ def main():
                          "pretrained: cls and the family's own")
     ap.add_argument("--minutes", type=float, default=6.0, help="training budget per arm")
     ap.add_argument("--pretrain-minutes", type=float, default=8.0, help="budget per pre-training run")
+    ap.add_argument("--pretrain-size", type=int, default=0,
+                    help="pre-training input side (default: the segmentation input size)")
+    ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                    help="bf16 autocast (default: on where the CPU has native bf16)")
+    ap.add_argument("--results", default=RESULTS, help="JSON to write (arms already there are kept)")
     ap.add_argument("--detect", type=int, default=2, help="detection arms: the N best segmentation arms")
     ap.add_argument("--workdir", default="runs/bench_scenes_dense")
     ap.add_argument("--scenes", default="", help="scenes directory (default: <workdir>/scenes, built if missing)")
@@ -189,14 +211,16 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny scenes and budgets: checks the pipeline")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    args.amp = bf16_native() if args.amp is None else args.amp
     if args.smoke:
         args.minutes, args.pretrain_minutes, args.train_subset, args.val_subset = 0.05, 0.05, 64, 8
         args.workdir = os.path.join(args.workdir, "smoke")
     args.scenes = args.scenes or os.path.join(args.workdir, "scenes")
-    args.overlays = args.workdir if args.smoke else os.path.join(HERE, "results")
+    args.overlays = args.workdir if args.smoke else os.path.dirname(os.path.abspath(args.results))
+    args.prefix = os.path.splitext(os.path.basename(args.results))[0]
     scene_cfg = SceneConfig(train=200, val=20) if args.smoke else SceneConfig()
     manifest = build_scenes(args.scenes, scene_cfg)
-    results = {} if args.smoke or not os.path.isfile(RESULTS) else json.load(open(RESULTS)).get("arms", {})
+    results = {} if args.smoke or not os.path.isfile(args.results) else json.load(open(args.results)).get("arms", {})
     for backbone in args.arms:
         own = ("cls", *BACKBONES[backbone][4])
         inits = [i for i in ("scratch", *own) if i in args.inits or (i != "scratch" and "pretrained" in args.inits)]
@@ -236,11 +260,11 @@ def write(results: dict, args, manifest: dict) -> None:
            "note": manifest["note"], "scenes": manifest["config"],
            "machine": {"cpu": cpu_model(), "flags": cpu_flags(), "bf16_native": bf16_native(),
                        "threads": torch.get_num_threads()},
-           "minutes_per_arm": args.minutes, "pretrain_minutes": args.pretrain_minutes, "arms": results}
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS + ".tmp", "w") as f:
+           "arms": results}
+    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+    with open(args.results + ".tmp", "w") as f:
         json.dump(out, f, indent=2)
-    os.replace(RESULTS + ".tmp", RESULTS)
+    os.replace(args.results + ".tmp", args.results)
 
 
 if __name__ == "__main__":

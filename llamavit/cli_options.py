@@ -55,6 +55,23 @@ HELP = {
     "log_every": "log every N steps", "ckpt_every": "also checkpoint every N steps",
     "eval_every": "evaluate every N epochs", "keep_checkpoints": "how many checkpoints to keep",
     "progress": "show a progress bar",
+    # adaptation (docs/adaptation.md)
+    "init_from_llm": "initialise iLLaMA / VisionLLaMA blocks from an LLM by weight selection: smollm2 or a path",
+    "drop_mode": "iLLaMA's stochastic-depth schedule: standard | early | late",
+    "drop_schedule": "with drop_mode early: constant | linear (decays to 0 over the cut-off)",
+    "drop_cutoff_epochs": "epochs before the early / late drop-path switch",
+    "layer_decay": "layer-wise learning-rate decay (timm's, e.g. 0.75; blocks nearer the input learn slower)",
+    "freeze": "parameter-name globs to freeze, e.g. 'blocks.*' 'patch_embed.*'",
+    "trainable": "parameter-name globs: train only these (plus LoRA adapters), e.g. 'head.*' '*mapper*'",
+    "lora_rank": "LoRA rank (peft): train adapters on the trunk and the head only (0 = off)",
+    "lora_alpha": "LoRA alpha: the update is scaled by alpha / rank (default: the rank)",
+    "lora_dropout": "dropout on the LoRA adapters' input",
+    "lora_targets": "which linear layers of the blocks get adapters: qkv proj mlp",
+    "merge": "with LoRA: also write <output>/merged, the adapters folded into a plain checkpoint",
+    "teacher": "distillation teacher: a llamavit run / checkpoint of the same classes, or timm:NAME (pretrained)",
+    "distill": "DeiT's distillation: none | soft | hard",
+    "distill_alpha": "weight of the distillation term (1 - alpha on the label loss)",
+    "distill_tau": "soft distillation temperature",
 }
 
 
@@ -88,6 +105,8 @@ def add_config_flags(p: argparse.ArgumentParser, config_cls: type, extra_help: O
             p.add_argument(flag, nargs="+", metavar="KEY=VALUE", **kw)
         elif "Tuple[int" in str(hint):
             p.add_argument(flag, nargs="+", type=int, **kw)
+        elif "Tuple[str" in str(hint):   # freeze / trainable patterns, LoRA targets
+            p.add_argument(flag, nargs="+", type=str, **kw)
         elif "Tuple" in str(hint):
             p.add_argument(flag, nargs="+", type=float, **kw)
         elif hint in (int, float):

@@ -87,6 +87,8 @@ def _in_range(v, kind: str, bound) -> Tuple[bool, str]:
         return v <= bound, f"<= {bound}"
     if kind == "in":
         return bound[0] <= v < bound[1], f"in [{bound[0]}, {bound[1]})"
+    if kind == "fraction":
+        return 0 < v <= 1, "in (0, 1]"
     if kind == "each in":
         return all(bound[0] <= x < bound[1] for x in v), f"numbers in [{bound[0]}, {bound[1]})"
     if kind == "sorted":
@@ -97,9 +99,9 @@ def _in_range(v, kind: str, bound) -> Tuple[bool, str]:
 
 
 def check_ranges(values: Mapping[str, Any], rules: Dict[str, Tuple[str, Any]], what: str) -> None:
-    """rules: {name: (kind, bound)} with kind '>' / '>=' / '<=' (a number), 'in' (lo, hi) closed-open, 'each in'
-    (every element in [lo, hi)), 'sorted' (a pair 0 < low <= high <= 1) or 'increasing' (0 < low <= high);
-    absent or None values are skipped."""
+    """rules: {name: (kind, bound)} with kind '>' / '>=' / '<=' (a number), 'in' (lo, hi) closed-open,
+    'fraction' (0 < v <= 1), 'each in' (every element in [lo, hi)), 'sorted' (a pair 0 < low <= high <= 1) or
+    'increasing' (0 < low <= high); absent or None values are skipped."""
     for name, (kind, bound) in rules.items():
         v = values.get(name)
         if v is None:

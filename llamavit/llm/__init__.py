@@ -24,7 +24,7 @@ FORMATS = ("meta", "hf", "gguf")
 
 __all__ = ["LAYER_KEYS", "LLMConfig", "LLMError", "LLMReader", "FORMATS", "SMOLLM2", "SMOLLM2_FILE", "detect_format",
            "open_llm", "read_llm_layers", "llm_fingerprint", "resolve_llm_path", "resolve_layers",
-           "find_smollm2_gguf", "hf_to_meta_rows", "meta_to_hf_rows"]
+           "find_smollm2_gguf", "hf_to_meta_rows", "meta_to_hf_rows", "file_sha256"]
 
 
 def resolve_llm_path(path: str) -> str:
@@ -68,7 +68,7 @@ def read_llm_layers(path: str,
 _CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "llamavit", "sha256.json")
 
 
-def _file_sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
     """sha256 of a file, cached by (path, size, mtime) so a 13 GB shard is hashed once."""
     st = os.stat(path)
     key = f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
@@ -96,6 +96,6 @@ def llm_fingerprint(reader: LLMReader) -> str:
     directory, the sha256 of the lines '<file name> <sha256>' of its weight and config files, sorted."""
     files = reader.files()
     if len(files) == 1:
-        return _file_sha256(files[0])
-    lines = sorted(f"{os.path.basename(p)} {_file_sha256(p)}\n" for p in files)
+        return file_sha256(files[0])
+    lines = sorted(f"{os.path.basename(p)} {file_sha256(p)}\n" for p in files)
     return hashlib.sha256("".join(lines).encode()).hexdigest()

@@ -116,9 +116,13 @@ def keys_report(names, limit: int = _SHOW) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def check_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Raise CheckpointError naming the missing, unexpected and wrongly shaped keys, if any."""
+def check_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str = "checkpoint",
+                     only: Optional[Sequence[str]] = None) -> None:
+    """Raise CheckpointError naming the missing, unexpected and wrongly shaped keys, if any (of the model's
+    entries named in `only`, when given)."""
     expected = model.state_dict()
+    if only is not None:
+        expected = {k: expected[k] for k in only}
     missing = set(expected) - set(state_dict)
     unexpected = set(state_dict) - set(expected)
     wrong = [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
@@ -173,6 +177,15 @@ def load_checkpoint(model: nn.Module, path: Union[str, Sequence[str]], assign: b
     left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointError(f"{source} left tensors unset on the meta device: {keys_report(left)}")
+    return model
+
+
+def load_partial(model: nn.Module, path: str, keys: Sequence[str]) -> nn.Module:
+    """Load the entries `keys` of the model's state dict from `path`, which must hold exactly those (a LoRA
+    run's adapters and head); the model's other tensors stay as they are."""
+    state_dict = read_state_dict(path)
+    check_state_dict(model, state_dict, source=f"checkpoint {path}", only=keys)
+    model.load_state_dict(state_dict, strict=False)
     return model
 
 

@@ -16,6 +16,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from . import aim, dit_llama, illama, visionllama, visionllama_pyramid, vit_llm
 from ..options import check_ranges, coerce
 from .convert import load_checkpoint
+from .weight_selection import select_from_llm
 
 # family -> (model class, config class); the model class carries its own checkpoint filter
 FAMILIES: Dict[str, Tuple[type, type]] = {}
@@ -188,7 +189,7 @@ def check_model_name(name: str) -> None:
 
 
 def create_model(name: str, pretrained: bool = False, checkpoint_path: Union[str, Sequence[str], None] = None,
-                 **kwargs) -> nn.Module:
+                 init_from_llm: Optional[str] = None, **kwargs) -> nn.Module:
     """Build a llamavit model by name; kwargs (timm names) override the named config.
 
     checkpoint_path: our safetensors / training checkpoint, or an official release file of the
@@ -196,11 +197,17 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Union[str
     files (e.g. AIM's separate backbone and head files) is merged; keys may not overlap.
     A name `timm:<timm model>` builds that timm model instead (baselines trained and evaluated with
     llamavit's own loop, e.g. 'timm:vit_small_patch16_224').
+    init_from_llm: 'smollm2' or an LLM path: the blocks of an iLLaMA / plain VisionLLaMA model are set by
+    weight selection from it (`weight_selection.select_from_llm`); its report is `model.llm_init_report`.
     """
+    if init_from_llm is not None and checkpoint_path is not None:
+        raise ValueError(f"{name}: pass checkpoint_path or init_from_llm, not both")
     if name.startswith(TIMM_PREFIX):
         model = timm.create_model(name[len(TIMM_PREFIX):], pretrained=False, **kwargs)
         if checkpoint_path is not None:
             load_checkpoint(model, checkpoint_path)
+        if init_from_llm is not None:
+            select_from_llm(model, init_from_llm)   # raises: timm models are not supported
         return model
     check_model_name(name)
     if pretrained and checkpoint_path is None:
@@ -213,4 +220,6 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Union[str
         model = timm.create_model(name, pretrained=False, **kwargs)
     if checkpoint_path is not None:
         load_checkpoint(model, checkpoint_path, assign=on_meta)
+    if init_from_llm is not None:
+        model.llm_init_report = select_from_llm(model, init_from_llm)
     return model

@@ -57,14 +57,10 @@ def save_checkpoint(run_dir: str, step: int, model: nn.Module, meta: Dict[str, A
     final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    if getattr(model, "llm_source", None):   # ViT + frozen LLM: where the (unsaved) frozen block comes from
-        meta = {**meta, "llm": model.llm_source}
-    metadata = {"format": "llamavit", **{k: json.dumps(v) for k, v in meta.items()}}
     try:
-        save_file(_tensors(model if model_state is None else model_state), os.path.join(tmp, WEIGHTS_NAME),
-                  metadata=metadata)
+        save_weights(tmp, model, meta, model_state)
         if ema is not None:
-            save_file(_tensors(ema), os.path.join(tmp, EMA_NAME), metadata=metadata)
+            save_weights(tmp, ema, meta, name=EMA_NAME)
         torch.save(state, os.path.join(tmp, STATE_NAME))
     except (OSError, RuntimeError) as e:   # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)   # a partial checkpoint must not keep the disk full
@@ -77,6 +73,19 @@ def save_checkpoint(run_dir: str, step: int, model: nn.Module, meta: Dict[str, A
     atomic_write_text(os.path.join(root, LATEST), name)
     _prune(root, keep, name)
     return final
+
+
+def save_weights(directory: str, model: nn.Module, meta: Dict[str, Any],
+                 state: Optional[Dict[str, torch.Tensor]] = None, name: str = WEIGHTS_NAME) -> str:
+    """Write directory/name: the model's tensors (or `state`) as safetensors with the llamavit metadata (meta;
+    a ViT + frozen LLM adds where its unsaved block comes from), which `create_model(checkpoint_path=...)`,
+    `model_from_checkpoint` and `llamavit eval` read; -> the file's path."""
+    if getattr(model, "llm_source", None):
+        meta = {**meta, "llm": model.llm_source}
+    metadata = {"format": "llamavit", **{k: json.dumps(v) for k, v in meta.items()}}
+    path = os.path.join(directory, name)
+    save_file(_tensors(model if state is None else state), path, metadata=metadata)
+    return path
 
 
 def remove_stale_temporaries(run_dir: str) -> List[str]:
@@ -157,7 +166,12 @@ def model_from_checkpoint(path: str, use_ema: bool = False, **overrides) -> nn.M
         if not has_ema(ckpt):
             raise CheckpointError(f"{path} has no EMA weights (the run was trained without --ema-decay): drop --ema")
         weights = os.path.join(ckpt, EMA_NAME)
-    model = load_checkpoint(model, weights)
+    if "lora" in meta:   # adapters and head over the base checkpoint it names (checked by sha256)
+        from .adapt import load_lora_run
+        model = load_lora_run(model, meta["lora"], os.path.join(weights, WEIGHTS_NAME) if os.path.isdir(weights)
+                              else weights)
+    else:
+        model = load_checkpoint(model, weights)
     bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise CheckpointError(f"{weights} holds NaN or infinite weights ({', '.join(bad[:3])}"

@@ -109,6 +109,7 @@ class TrainConfig(LoopConfig):
     model: str = "illama_tiny_patch16_224"
     model_kwargs: Dict[str, Any] = field(default_factory=dict)   # extra create_model options
     checkpoint_path: Optional[str] = None                          # initial weights (official or ours)
+    init_from_llm: Optional[str] = None    # 'smollm2' or an LLM path: iLLaMA / VisionLLaMA blocks by weight selection
     img_size: int = 224
     in_chans: int = 3
     drop_path: float = 0.0
@@ -137,16 +138,64 @@ class TrainConfig(LoopConfig):
     # 'linear' decays r from 1 to 0 over soft_mask_epochs (updated every step), then 0
     soft_mask: str = "none"
     soft_mask_epochs: float = 0.0
+    # iLLaMA's drop_mode: stochastic depth (drop_path) in force throughout ('standard'), only for the first
+    # drop_cutoff_epochs ('early'; 'linear' decays it to 0 over them) or only after them ('late')
+    drop_mode: str = "standard"
+    drop_schedule: str = "constant"
+    drop_cutoff_epochs: float = 0.0
     eval_every: int = 1                    # evaluate every N epochs (and at the end)
+    # adaptation (docs/adaptation.md)
+    layer_decay: Optional[float] = None    # timm's layer-wise learning-rate decay, e.g. 0.75 (None: off)
+    freeze: Tuple[str, ...] = ()           # parameter-name globs to freeze
+    trainable: Tuple[str, ...] = ()        # parameter-name globs: only these train (plus LoRA adapters)
+    lora_rank: int = 0                     # >0: LoRA adapters (peft) on the trunk; only they and the head train
+    lora_alpha: Optional[float] = None     # the update is scaled by alpha / rank (None: alpha = rank)
+    lora_dropout: float = 0.0
+    lora_targets: Tuple[str, ...] = ("qkv", "proj")   # of qkv, proj, mlp
+    merge: bool = False                    # with LoRA: also write <output>/merged, a plain checkpoint
+    teacher: Optional[str] = None          # distillation teacher: a llamavit run / checkpoint, or timm:NAME
+    distill: str = "none"                  # none | soft | hard (DeiT's)
+    distill_alpha: float = 0.5
+    distill_tau: float = 1.0
 
     _ranges = {"lr": (">=", 0), "min_lr": (">=", 0), "warmup_epochs": (">=", 0), "warmup_lr": (">=", 0),
                "weight_decay": (">=", 0), "label_smoothing": ("in", (0, 1)), "mixup": (">=", 0),
                "cutmix": (">=", 0), "drop_path": ("in", (0, 1)), "hflip": ("in", (0, 1.001)),
                "re_prob": ("in", (0, 1.001)), "crop_pct": ("in", (0.001, 1.001)), "scale": ("sorted", None),
                "betas": ("each in", (0, 1)), "soft_mask_epochs": (">=", 0), "eval_every": (">", 0),
-               "train_subset": (">=", 0), "val_subset": (">=", 0), "img_size": (">", 0), "in_chans": (">", 0)}
+               "train_subset": (">=", 0), "val_subset": (">=", 0), "img_size": (">", 0), "in_chans": (">", 0),
+               "drop_cutoff_epochs": (">=", 0), "layer_decay": ("fraction", None), "lora_rank": (">=", 0),
+               "lora_alpha": (">", 0), "lora_dropout": ("in", (0, 1)), "distill_alpha": ("in", (0, 1.001)),
+               "distill_tau": (">", 0)}
 
     def __post_init__(self):
         super().__post_init__()
-        if self.soft_mask not in ("none", "constant", "linear"):
-            raise ValueError(f"soft_mask must be 'none', 'constant' or 'linear', got {self.soft_mask!r}")
+        choices = {"soft_mask": ("none", "constant", "linear"), "drop_mode": ("standard", "early", "late"),
+                   "drop_schedule": ("constant", "linear"), "distill": ("none", "soft", "hard")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.drop_mode != "standard" and not self.drop_path:
+            raise ValueError(f"drop_mode {self.drop_mode!r} schedules stochastic depth: give --drop-path, the rate "
+                             f"it schedules")
+        if self.drop_mode != "standard" and self.drop_cutoff_epochs <= 0:
+            raise ValueError(f"drop_mode {self.drop_mode!r} needs --drop-cutoff-epochs > 0")
+        if (self.teacher is None) != (self.distill == "none"):
+            raise ValueError("distillation needs both --teacher RUN_OR_NAME and --distill soft|hard")
+        # '--lora-targets qkv,proj' as well as '--lora-targets qkv proj'
+        self.lora_targets = tuple(t.strip() for item in self.lora_targets for t in item.split(",") if t.strip())
+        if self.init_from_llm and self.checkpoint_path:
+            raise ValueError("give --checkpoint-path or --init-from-llm, not both")
+        if self.lora_rank:
+            if not self.checkpoint_path:
+                raise ValueError("LoRA adapts a pre-trained model: give --checkpoint-path (llamavit finetune)")
+            if self.ema_decay > 0 or self.fsdp:
+                raise ValueError("LoRA runs support neither --ema-decay nor --fsdp")
+            from .adapt import check_lora_targets
+            check_lora_targets(self.lora_targets)
+        else:
+            given = [name for name, default in (("lora_alpha", None), ("lora_dropout", 0.0),
+                                                 ("lora_targets", ("qkv", "proj")), ("merge", False))
+                     if getattr(self, name) != default]
+            if given:
+                raise ValueError(f"{', '.join(given)} configure LoRA adapters: give --lora-rank >= 1 as well")

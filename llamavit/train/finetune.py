@@ -1,10 +1,8 @@
-"""Fine-tuning (`llamavit finetune`): supervised training of every weight from a pre-trained trunk."""
-import dataclasses
+"""Fine-tuning (`llamavit finetune`): supervised training from a pre-trained trunk (every weight, or LoRA
+adapters / the parameters the freeze patterns leave)."""
 from typing import Any, Dict
 
-from ..models import load_backbone
 from .config import TrainConfig
-from .checkpoint import resolve_checkpoint
 from .probe import checkpoint_model
 from .supervised import Trainer
 
@@ -24,14 +22,12 @@ def finetune_config(checkpoint_path: str, **options) -> TrainConfig:
 
 
 def finetune(cfg: TrainConfig) -> Dict[str, Any]:
-    """Supervised training of every weight, starting from the trunk of `cfg.checkpoint_path` (a fresh
-    classifier), with bidirectional attention (iLLaMA's soft-mask rate held at 1 unless a schedule is given)."""
+    """Supervised training from the trunk of `cfg.checkpoint_path` (a fresh classifier) of every weight, or of
+    what the adaptation options leave trainable (LoRA adapters, --trainable / --freeze), with bidirectional
+    attention (iLLaMA's soft-mask rate held at 1 unless a schedule is given)."""
     if not cfg.checkpoint_path:
         raise ValueError("finetune needs --checkpoint-path (a pre-trained llamavit run or an official file)")
-    trainer = Trainer(dataclasses.replace(cfg, checkpoint_path=None))
-    load_backbone(trainer.model, resolve_checkpoint(cfg.checkpoint_path))
-    if trainer.ema is not None:
-        trainer.ema.module.load_state_dict(trainer.model.state_dict())
+    trainer = Trainer(cfg, backbone_only=True)
     if cfg.soft_mask == "none" and hasattr(trainer.model, "set_soft_mask_rate"):
         trainer.model.set_soft_mask_rate(1.0)
     return trainer.fit()

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from ..data.seeding import mix_seed
 from ..errors import CheckpointError, DamagedCheckpointError, NonFiniteLossError, RunDirectoryBusy
-from ..models import load_checkpoint, read_state_dict
+from ..models import load_checkpoint, load_partial, read_state_dict
 from .checkpoint import (EMA_NAME, LATEST, WEIGHTS_NAME, atomic_write_text, complete_checkpoints, latest_checkpoint,
                          load_training_state, remove_stale_temporaries, save_checkpoint)
 from .config import LoopConfig
@@ -243,7 +243,8 @@ class StepLoop:
     def init_training(self, module: nn.Module, model: Optional[nn.Module] = None, lr: float = 1e-3,
                       weight_decay: float = 0.0, betas: Tuple[float, float] = (0.9, 0.999),
                       warmup_steps: int = 0, warmup_lr: float = 1e-6, min_lr: float = 0.0,
-                      schedule: str = "cosine", ema_decay: float = 0.0, ema_class: type = ModelEmaV3) -> None:
+                      schedule: str = "cosine", ema_decay: float = 0.0, ema_class: type = ModelEmaV3,
+                      layer_decay: Optional[float] = None, saved_keys: Optional[List[str]] = None) -> None:
         """Place and wrap the trained `module` (DDP / FSDP2 / compile), and build its optimiser and schedule.
 
         model: the part of `module` whose weights make the checkpoint's model.safetensors (the trunk of a
@@ -251,7 +252,10 @@ class StepLoop:
         with the optimiser. schedule: 'cosine' or 'poly' (timm's, per step, with linear warm-up; poly of power
         1 as mmseg's PolyLR) or 'constant'.
         ema_decay > 0: an EMA of `model` (`ema_class`: timm's ModelEmaV3 or a subclass), updated after every
-        optimiser step with the number of steps done.
+        optimiser step with the number of steps done. layer_decay: timm's layer-wise learning-rate decay (the
+        module's group_matcher). saved_keys: the only entries of `model`'s state dict its checkpoints store (a
+        LoRA run's adapters and head; the rest is rebuilt from the base checkpoint); default all.
+        Frozen parameters (requires_grad False) get no optimiser state.
         """
         cfg = self.cfg
         self.module, self.model = module, model if model is not None else module
@@ -263,7 +267,9 @@ class StepLoop:
         self.train_module = wrap_model(module, self.env, cfg.fsdp)
         if cfg.compile:
             self.train_module = torch.compile(self.train_module)
-        self.optimizer = create_optimizer_v2(module, "adamw", lr=lr, weight_decay=weight_decay, betas=tuple(betas))
+        self.saved_keys = saved_keys
+        self.optimizer = create_optimizer_v2(module, "adamw", lr=lr, weight_decay=weight_decay, betas=tuple(betas),
+                                             layer_decay=layer_decay)
         self.scheduler = None
         if schedule == "cosine":
             self.scheduler = CosineLRScheduler(self.optimizer, t_initial=self.total_steps, lr_min=min_lr,
@@ -413,6 +419,8 @@ class StepLoop:
             p = self.model_prefix
             model_sd = {k[len(p):]: v for k, v in module_sd.items() if k.startswith(p)}
             rest = {k: v for k, v in module_sd.items() if not k.startswith(p)}
+            if self.saved_keys is not None:
+                model_sd = {k: model_sd[k] for k in self.saved_keys}
             state = {"step": self.step, "optimizer": optim_sd, "config": self.cfg.to_dict(), "module_rest": rest,
                      "log_window": {"sums": dict(self.window), "count": self.window_n}, "extra": self.extra_state()}
             path = save_checkpoint(self.cfg.output, self.step, self.model, self.meta(), state,
@@ -431,6 +439,9 @@ class StepLoop:
             model_sd = read_state_dict(os.path.join(checkpoint_dir, WEIGHTS_NAME))
             full = {**{p + k: v for k, v in model_sd.items()}, **rest}
             load_full_state_dicts(self.module, self.optimizer, full, state["optimizer"])
+        elif self.saved_keys is not None:   # a LoRA run's adapters and head over the rebuilt base
+            load_partial(self.model, os.path.join(checkpoint_dir, WEIGHTS_NAME), self.saved_keys)
+            load_full_state_dicts(self.module, self.optimizer, None, state["optimizer"])
         else:               # the usual checks: a checkpoint of another model is refused by name
             load_checkpoint(self.model, checkpoint_dir)
             if self.module is not self.model:

@@ -2,9 +2,11 @@
 accumulation, EMA, DDP/FSDP, checkpoints, exact resume, log) with cross-entropy (label smoothing or
 mixup/cutmix soft targets), the iLLaMA soft-mask schedule and per-epoch validation.
 """
+import copy
 import os
+import sys
 from dataclasses import asdict
-from typing import Any, Dict
+from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -15,7 +17,12 @@ from torch.utils.data import DataLoader, IterableDataset, Subset
 from ..data import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, DatasetError, TransformConfig, build_dataset,
                     build_transform, check_classes, has_splits, is_shard_dir)
 from ..eval.metrics import evaluate
-from ..models import create_model, load_checkpoint
+from ..errors import CheckpointError
+from ..models import create_model, load_backbone, load_checkpoint
+from ..objectives.distillation import DistillationLoss
+from .adapt import (DropPathSchedule, LoraSettings, add_lora, apply_freezing, base_record, drop_path_factor,
+                    merge_lora, parameter_report, trainable_state_keys)
+from .checkpoint import model_from_checkpoint, read_meta, resolve_checkpoint, save_weights
 from .config import TrainConfig
 from .distributed import all_reduce_sum
 from .plots import plot_curves
@@ -57,9 +64,12 @@ def build_datasets(cfg: TrainConfig):
 
 class Trainer(StepLoop):
     """Supervised training of one llamavit model according to a TrainConfig: the step loop with mixup,
-    label smoothing, the soft-mask schedule and per-epoch evaluation (of the EMA too)."""
+    label smoothing, the soft-mask and drop-path schedules, the adaptation options (freezing, LoRA, layer
+    decay, distillation; docs/adaptation.md) and per-epoch evaluation (of the EMA too).
 
-    def __init__(self, cfg: TrainConfig):
+    backbone_only: take only the trunk of cfg.checkpoint_path (a fresh classifier: fine-tuning)."""
+
+    def __init__(self, cfg: TrainConfig, backbone_only: bool = False):
         self.init_loop(cfg)
         train_set, self.val_set, self.classes = build_datasets(cfg)
         self.init_data(train_set)
@@ -67,12 +77,23 @@ class Trainer(StepLoop):
                              **cfg.model_kwargs}
         if cfg.drop_path:
             self.model_kwargs["drop_path_rate"] = cfg.drop_path
-        model = create_model(cfg.model, **self.model_kwargs)
+        model = create_model(cfg.model, init_from_llm=cfg.init_from_llm, **self.model_kwargs)
         if cfg.checkpoint_path:
-            load_checkpoint(model, cfg.checkpoint_path)
+            path = resolve_checkpoint(cfg.checkpoint_path)
+            load_backbone(model, path) if backbone_only else load_checkpoint(model, path)
+        self.lora = None
+        if cfg.lora_rank:
+            self.lora = {**LoraSettings(cfg.lora_rank, cfg.lora_alpha or float(cfg.lora_rank), cfg.lora_dropout,
+                                        cfg.lora_targets).to_dict(),
+                         "base": base_record(cfg.checkpoint_path, backbone_only)}
+            add_lora(model, LoraSettings(**{k: v for k, v in self.lora.items() if k != "base"}))
+        apply_freezing(model, cfg.freeze, cfg.trainable)
+        self.parameters_report = parameter_report(model)
+        self.drop_schedule = DropPathSchedule(model) if cfg.drop_mode != "standard" else None
         self.init_training(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas,
                            warmup_steps=int(cfg.warmup_epochs * self.steps_per_epoch), warmup_lr=cfg.warmup_lr,
-                           min_lr=cfg.min_lr, ema_decay=cfg.ema_decay)
+                           min_lr=cfg.min_lr, ema_decay=cfg.ema_decay, layer_decay=cfg.layer_decay,
+                           saved_keys=trainable_state_keys(model) if self.lora else None)
         self.mixup = None
         if cfg.mixup > 0 or cfg.cutmix > 0:
             self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
@@ -82,7 +103,16 @@ class Trainer(StepLoop):
             self.criterion = LabelSmoothingCrossEntropy(cfg.label_smoothing)
         else:
             self.criterion = nn.CrossEntropyLoss()
+        self.distillation = None
+        if cfg.teacher:
+            teacher, teacher_size = load_teacher(cfg.teacher, self.classes, self.env.device)
+            self.distillation = DistillationLoss(self.criterion, teacher, cfg.distill, cfg.distill_alpha,
+                                                 cfg.distill_tau, teacher_size if teacher_size != cfg.img_size else 0)
         self.last_eval: Dict[str, float] = {}
+        if self.is_main:
+            report = self.parameters_report
+            print(f"trainable parameters: {report['trainable']:,} of {report['total']:,} "
+                  f"({100 * report['fraction']:.2f} %)", file=sys.stderr)
 
     def meta(self) -> Dict[str, Any]:
         """Model, options, classes, eval transform; an iLLaMA's soft-mask rate as it is now (the forward
@@ -91,7 +121,7 @@ class Trainer(StepLoop):
         if hasattr(self.model, "soft_mask_rate"):
             kwargs["soft_mask_rate"] = self.model.soft_mask_rate
         return {"model": self.cfg.model, "model_kwargs": kwargs, "classes": self.classes,
-                "transform": asdict(transform_config(self.cfg))}
+                "transform": asdict(transform_config(self.cfg)), **({"lora": self.lora} if self.lora else {})}
 
     def extra_state(self) -> Dict[str, Any]:
         return {"soft_mask_rate": getattr(self.model, "soft_mask_rate", None)}
@@ -102,20 +132,32 @@ class Trainer(StepLoop):
 
     # --- StepLoop hooks ------------------------------------------------------------------------
     def record_extras(self) -> Dict[str, Any]:
-        return {"soft_mask_rate": getattr(self.model, "soft_mask_rate", None)}
+        extras = {"soft_mask_rate": getattr(self.model, "soft_mask_rate", None)}
+        if self.drop_schedule is not None:
+            extras["drop_path_rate"] = self.drop_schedule.rate
+        return extras
 
     def before_step(self) -> None:
         cfg = self.cfg
+        if self.step == 0 and (cfg.freeze or cfg.trainable or cfg.lora_rank):   # what the patterns left trainable
+            self.log({"step": 0, "parameters": {**self.parameters_report, "freeze_patterns": list(cfg.freeze),
+                                                "trainable_patterns": list(cfg.trainable)}})
         if cfg.soft_mask != "none" and hasattr(self.model, "set_soft_mask_rate"):
             self.model.set_soft_mask_rate(soft_mask_rate(self.step, self.steps_per_epoch, cfg.soft_mask,
                                                          cfg.soft_mask_epochs))
+        if self.drop_schedule is not None:
+            self.drop_schedule.set_factor(drop_path_factor(self.step, self.steps_per_epoch, cfg.drop_mode,
+                                                           cfg.drop_schedule, cfg.drop_cutoff_epochs))
 
     def prepare_batch(self, images: torch.Tensor, targets: torch.Tensor):
         images, targets = super().prepare_batch(images, targets)
         return self.mixup(images, targets) if self.mixup is not None else (images, targets)
 
     def loss(self, images: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return {"loss": self.criterion(self.train_module(images), targets)}
+        logits = self.train_module(images)
+        if self.distillation is not None:
+            return self.distillation(images, logits, targets)
+        return {"loss": self.criterion(logits, targets)}
 
     def after_step(self) -> None:
         epoch, rest = divmod(self.step, self.steps_per_epoch)
@@ -131,9 +173,24 @@ class Trainer(StepLoop):
             self.last_eval = self.evaluate()
         if self.is_main:
             plot_curves(self.history, os.path.join(self.cfg.output, "curves.png"))
+            if self.cfg.merge and self.step == self.total_steps:
+                self.merged_path = self.write_merged()
+
+    def write_merged(self) -> str:
+        """<output>/merged/model.safetensors: the LoRA adapters folded into a copy of the weights, a plain
+        checkpoint of the model (what `create_model(name, checkpoint_path=...)` and `llamavit eval` load)."""
+        merged = merge_lora(copy.deepcopy(self.model).cpu())
+        meta = {k: v for k, v in self.meta().items() if k != "lora"}
+        out = os.path.join(self.cfg.output, "merged")
+        os.makedirs(out, exist_ok=True)
+        return save_weights(out, merged, meta)
 
     def summary_extras(self) -> Dict[str, Any]:
-        return dict(self.last_eval)
+        extras = {**self.last_eval, "trainable_parameters": self.parameters_report["trainable"],
+                  "total_parameters": self.parameters_report["total"]}
+        if getattr(self, "merged_path", None):
+            extras["merged"] = self.merged_path
+        return extras
 
     def evaluate(self) -> Dict[str, float]:
         """Validation metrics over the whole set; each rank evaluates every world_size-th image."""
@@ -170,6 +227,28 @@ class _Counted:
         for images, targets in self.loader:
             self.count += len(targets)
             yield images, targets
+
+
+def load_teacher(spec: str, classes: List[str], device) -> Tuple[nn.Module, int]:
+    """(the distillation teacher in eval mode, its input size): a llamavit run / checkpoint, or 'timm:NAME'
+    with timm's pretrained weights; refused when it predicts other classes than the student's."""
+    if spec.startswith("timm:"):
+        try:
+            teacher = create_model(spec, pretrained=True, num_classes=len(classes))
+        except Exception as e:   # noqa: BLE001 - no network, unknown name: one line
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"cannot build the teacher {spec} with pretrained weights: {why}") from e
+        size = int(teacher.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+    else:
+        meta = read_meta(spec)
+        theirs = meta.get("classes")
+        if theirs is not None and list(theirs) != list(classes):
+            raise CheckpointError(f"the teacher {spec} predicts {len(theirs)} classes ({', '.join(theirs[:3])}, …) "
+                                  f"but the student {len(classes)} ({', '.join(classes[:3])}, …): distil from a "
+                                  f"teacher of the same classes")
+        teacher = model_from_checkpoint(spec)
+        size = int(meta.get("transform", {}).get("img_size", 0))
+    return teacher.eval().requires_grad_(False).to(device), size
 
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
