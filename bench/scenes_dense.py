@@ -191,7 +191,8 @@ def save_det_overlays(trainer, path: str, count: int = 4) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arms", nargs="+", default=list(BACKBONES), choices=list(BACKBONES), help="backbones")
+    ap.add_argument("--arms", nargs="*", default=list(BACKBONES), choices=list(BACKBONES),
+                    help="backbones (none: only the detection arms of the results so far)")
     ap.add_argument("--inits", nargs="+", default=["scratch", "pretrained"],
                     choices=["scratch", "cls", "aim", "mae", "pretrained"],
                     help="cls: a classification run; aim / mae: those pre-trainings where the family has them; "

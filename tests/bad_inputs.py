@@ -30,6 +30,12 @@ def segment(data, *extra):
             "num_heads=[1,1,1,1]", "mlp_multiple_of=8", "--no-progress", *extra]
 
 
+def finetune(*extra):
+    """`llamavit finetune` of the trained tiny run for one epoch, with `extra` flags."""
+    return ["finetune", "--checkpoint-path", "{run}", "--data", "synthetic", "--batch-size", "16", "--epochs", "1",
+            "--no-progress", "--output", "{dir}/ft", *extra]
+
+
 def kwargs(*items):
     return train(kw=list(items))
 
@@ -120,6 +126,15 @@ CASES = [
      "is not a dense checkpoint; expected one made by `llamavit segment train`"),
     ("scenes into a directory holding other data", ["scenes", "build", "--output", "{dir}/images"],
      "is not empty and holds no scenes.json"),
+    # adaptation
+    ("a LoRA rank below 0", finetune("--lora-rank", "-2"), "lora_rank must be >= 0, got -2"),
+    ("LoRA options without a rank", finetune("--lora-alpha", "16"),
+     "lora_alpha configure LoRA adapters: give --lora-rank >= 1 as well"),
+    ("an unknown LoRA target", finetune("--lora-rank", "4", "--lora-targets", "qkv,ffn"),
+     "lora_targets must name some of ['mlp', 'proj', 'qkv'], got ['qkv', 'ffn']"),
+    ("a freeze pattern that matches nothing", finetune("--freeze", "block.*"),
+     "--freeze pattern 'block.*' matches no parameter of ILLaMA (names look like"),
+    ("a teacher without --distill", train("--teacher", "{run}"), "distillation needs both --teacher"),
 ]
 
 

@@ -171,9 +171,9 @@ def test_freeze_patterns_freeze_what_they_name_and_nothing_else(base_run, tmp_pa
             assert torch.equal(after[key], before[key]), key
     assert not torch.equal(after["blocks.1.attn.qkv.weight"], before["blocks.1.attn.qkv.weight"])
     assert not torch.equal(after["blocks.1.norm1.weight"], before["blocks.1.norm1.weight"])
-    record = next(r for r in llamavit.train.step_loop.read_log(str(run / "log.jsonl")) if "parameters" in r)
-    assert record["parameters"]["freeze_patterns"] == ["blocks.0.*", "patch_embed.*"]
-    assert 0 < record["parameters"]["trainable"] < record["parameters"]["total"]
+    config = json.load(open(run / "config.json"))
+    assert config["freeze"] == ["blocks.0.*", "patch_embed.*"]
+    assert 0 < config["parameters"]["trainable"] < config["parameters"]["total"]
 
 
 def test_trainable_patterns_keep_only_what_they_name():
@@ -301,3 +301,10 @@ def test_drop_path_schedule_scales_the_models_own_rates():
 def test_bad_adaptation_options_give_one_line(options, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**options)
+
+
+@pytest.mark.parametrize("name", ["finetune_mae_visionllama_base.yaml", "fmnist_frozen_llm_adapters.yaml"])
+def test_the_adaptation_recipes_are_valid_configs(name):
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", name)
+    cfg = TrainConfig.from_yaml(path, checkpoint_path="runs/x")
+    assert cfg.layer_decay == 0.65 or cfg.trainable == ("llama_dim_mapper*", "head.*")

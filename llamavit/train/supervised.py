@@ -123,6 +123,10 @@ class Trainer(StepLoop):
         return {"model": self.cfg.model, "model_kwargs": kwargs, "classes": self.classes,
                 "transform": asdict(transform_config(self.cfg)), **({"lora": self.lora} if self.lora else {})}
 
+    def run_config(self) -> Dict[str, Any]:
+        """config.json also records what the adaptation options left trainable."""
+        return {**super().run_config(), "parameters": self.parameters_report}
+
     def extra_state(self) -> Dict[str, Any]:
         return {"soft_mask_rate": getattr(self.model, "soft_mask_rate", None)}
 
@@ -139,9 +143,6 @@ class Trainer(StepLoop):
 
     def before_step(self) -> None:
         cfg = self.cfg
-        if self.step == 0 and (cfg.freeze or cfg.trainable or cfg.lora_rank):   # what the patterns left trainable
-            self.log({"step": 0, "parameters": {**self.parameters_report, "freeze_patterns": list(cfg.freeze),
-                                                "trainable_patterns": list(cfg.trainable)}})
         if cfg.soft_mask != "none" and hasattr(self.model, "set_soft_mask_rate"):
             self.model.set_soft_mask_rate(soft_mask_rate(self.step, self.steps_per_epoch, cfg.soft_mask,
                                                          cfg.soft_mask_epochs))
