@@ -410,3 +410,40 @@ def test_the_dense_recipes_are_valid_configs(path):
     assert cfg.backbone_config().name == cfg.backbone and cfg.data
     if "ade20k_upernet_visionllama_base" in path:   # the official recipe's facts
         assert cfg.block_indices == (3, 5, 7, 11) and cfg.head_channels == 768 and cfg.max_steps == 160000
+
+
+def test_layer_decay_reaches_the_trunk_inside_a_segmenter_and_a_detector(tmp_path):
+    from timm.optim import create_optimizer_v2
+
+    from llamavit.dense import build_detector, trunk_group_matcher
+    plain = create_segmenter(BackboneConfig(name="illama_tiny_patch16_224", pyramid="simple", img_size=64,
+                                            kwargs=TINY_PLAIN), SegmenterConfig(num_classes=3, head="fpn",
+                                                                                head_channels=32))
+    objective = SegmentationObjective(plain, 0.0)
+    objective.group_matcher = trunk_group_matcher(objective)
+    opt = create_optimizer_v2(objective, "adamw", lr=1.0, layer_decay=0.5)
+    scale = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+    params = dict(objective.named_parameters())
+    trunk = "segmenter.backbone.trunk."
+    assert trunk + "blocks.0.attn.qkv.weight" in params
+    for i in range(4):   # 4 blocks: block i gets 0.5 ** (4 - i), the stem 0.5 ** 5
+        assert scale[id(params[f"{trunk}blocks.{i}.attn.qkv.weight"])] == pytest.approx(0.5 ** (4 - i))
+    assert scale[id(params[trunk + "patch_embed.proj.weight"])] == pytest.approx(0.5 ** 5)
+    heads = [n for n in params if not n.startswith(trunk)]
+    assert heads and all(scale[id(params[n])] == 1.0 for n in heads)   # neck and heads: the full rate
+
+    detector = build_detector(tiny_backbone("visionllama_pyramid_small_224", TINY_PYRAMID, "auto", 64), 3, "fcos",
+                              fpn_channels=32)
+    detector.group_matcher = trunk_group_matcher(detector)
+    opt = create_optimizer_v2(detector, "adamw", lr=1.0, layer_decay=0.5)
+    scales = {n: g["lr_scale"] for g in opt.param_groups for n, p in detector.named_parameters()
+              if any(p is q for q in g["params"])}
+    deep = [n for n in scales if ".trunk.blocks.3.0." in n]
+    assert deep and all(scales[n] == 0.5 for n in deep)
+    assert all(scales[n] == 1.0 for n in scales if ".trunk." not in n)
+    with pytest.raises(ValueError, match="holds no DenseBackbone"):
+        trunk_group_matcher(nn.Linear(2, 2))
+    cfg = SegmentConfig(data=str(tmp_path), layer_decay=0.65)
+    assert cfg.layer_decay == 0.65
+    with pytest.raises(ValueError, match=r"layer_decay must be in \(0, 1\]"):
+        SegmentConfig(data=str(tmp_path), layer_decay=1.5)

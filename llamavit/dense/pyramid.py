@@ -12,8 +12,9 @@
 `DenseBackbone.forward(images (B, C, H, W)) -> [maps (B, C_i, H / s_i, W / s_i)]` with `out_channels` and
 `strides`; `size_divisor` is the input multiple that makes every level an exact halving of the one before.
 """
+import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -205,3 +206,25 @@ def create_backbone(cfg: BackboneConfig, checkpoint: Optional[str] = None) -> De
     if checkpoint:
         load_trunk_weights(trunk, checkpoint)
     return DenseBackbone(trunk, cfg)
+
+
+def trunk_group_matcher(module: nn.Module) -> Callable[..., Dict[str, Any]]:
+    """timm's `group_matcher` for a module that holds one DenseBackbone (a segmenter, its objective, a detector):
+    the trunk's own groups under the path where the module holds it, for `layer_decay`; the neck, the heads and
+    everything else fall in the last group (the full learning rate)."""
+    path = next((name for name, m in module.named_modules() if isinstance(m, DenseBackbone)), None)
+    if path is None:
+        raise ValueError(f"{type(module).__name__} holds no DenseBackbone: no trunk to decay the learning rate over")
+    trunk = module.get_submodule(path).trunk if path else module.trunk
+    if not hasattr(trunk, "group_matcher"):
+        raise ValueError(f"layer decay needs the trunk's group_matcher; {type(trunk).__name__} has none")
+    anchor = "^" + re.escape((path + "." if path else "") + "trunk.")
+
+    def prefixed(pattern: str) -> str:
+        return pattern.replace("^", anchor)
+
+    def matcher(coarse: bool = False) -> Dict[str, Any]:
+        groups = trunk.group_matcher(coarse=coarse)
+        return {key: prefixed(value) if isinstance(value, str) else [(prefixed(p), order) for p, order in value]
+                for key, value in groups.items()}
+    return matcher

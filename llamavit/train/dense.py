@@ -40,7 +40,8 @@ DENSE_RANGES = {"lr": (">=", 0), "min_lr": (">=", 0), "weight_decay": (">=", 0),
                 "warmup_lr": (">=", 0), "betas": ("each in", (0, 1)), "drop_path": ("in", (0, 1)),
                 "img_size": (">", 0), "hflip": ("in", (0, 1.001)), "scale_range": ("increasing", None),
                 "eval_every": (">", 0), "eval_batch_size": (">=", 0), "train_subset": (">=", 0),
-                "val_subset": (">=", 0), "pyramid_channels": (">", 0), "max_minutes": (">=", 0)}
+                "val_subset": (">=", 0), "pyramid_channels": (">", 0), "max_minutes": (">=", 0),
+                "layer_decay": ("fraction", None)}
 
 
 @dataclass
@@ -71,6 +72,7 @@ class DenseConfig(LoopConfig):
     lr: float = 1e-4
     min_lr: float = 0.0
     weight_decay: float = 0.05
+    layer_decay: Optional[float] = None    # timm's layer-wise lr decay over the trunk's blocks (mmseg: 0.65)
     betas: Tuple[float, float] = (0.9, 0.999)
     schedule: str = "poly"
     warmup_steps: int = 0

@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 
 from ..data.dense import CocoDetection, build_dense_transform, collate_detection, detect_layout
-from ..dense import create_backbone
+from ..dense import create_backbone, trunk_group_matcher
 from ..dense.detection import DETECTORS, batch_targets, build_detector, detect, detection_losses
 from ..errors import DatasetError
 from ..eval.detection import DetectionEvaluator
@@ -84,9 +84,11 @@ class DetectTrainer(DenseTrainer):
         self.detector = build_detector(create_backbone(cfg.backbone_config(), cfg.backbone_checkpoint),
                                        len(self.classes) + 1, cfg.detector, fpn_channels=cfg.fpn_channels,
                                        **cfg.detector_kwargs)
+        if cfg.layer_decay:
+            self.detector.group_matcher = trunk_group_matcher(self.detector)
         self.init_training(self.detector, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas,
                            warmup_steps=cfg.warmup_steps, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr,
-                           schedule=cfg.schedule, ema_decay=cfg.ema_decay)
+                           schedule=cfg.schedule, ema_decay=cfg.ema_decay, layer_decay=cfg.layer_decay)
 
     def meta(self) -> Dict[str, Any]:
         return self.dense_meta("detect", detector=self.detector_meta, classes=self.classes)

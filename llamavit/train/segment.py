@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Subset
 
 from ..data.dense import ADE20KSegmentation, CocoSemantic, build_dense_transform, detect_layout
-from ..dense import SegmenterConfig, create_segmenter
+from ..dense import SegmenterConfig, create_segmenter, trunk_group_matcher
 from ..dense.segmenter import Segmenter
 from ..eval.segmentation import evaluate_segmentation
 from ..objectives import SegmentationObjective
@@ -84,9 +84,11 @@ class SegmentTrainer(DenseTrainer):
                                              head_channels=cfg.head_channels, aux_head=cfg.aux_head)
         self.segmenter = create_segmenter(cfg.backbone_config(), self.segmenter_cfg, cfg.backbone_checkpoint)
         objective = SegmentationObjective(self.segmenter, cfg.aux_weight if cfg.aux_head else 0.0)
+        if cfg.layer_decay:
+            objective.group_matcher = trunk_group_matcher(objective)
         self.init_training(objective, model=self.segmenter, lr=cfg.lr, weight_decay=cfg.weight_decay,
                            betas=cfg.betas, warmup_steps=cfg.warmup_steps, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr,
-                           schedule=cfg.schedule, ema_decay=cfg.ema_decay)
+                           schedule=cfg.schedule, ema_decay=cfg.ema_decay, layer_decay=cfg.layer_decay)
 
     def meta(self) -> Dict[str, Any]:
         return self.dense_meta("segment", segmenter=dataclasses.asdict(self.segmenter_cfg), classes=self.classes,
