@@ -28,6 +28,7 @@ import time
 import torch
 from fmnist_aim import TRUNK, pretrain_config  # bench/ helper: the AIM trunk and its pre-training recipe
 from machine import bf16_native, cpu_flags, cpu_model  # bench/ helper
+from sizing import epochs_for, seconds_per_step  # bench/ helper
 
 from llamavit.train import Pretrainer, finetune_config
 from llamavit.train.probe import ProbeConfig, Prober
@@ -53,28 +54,11 @@ def pretrained_trunk(args) -> dict:
         step_s = seconds_per_step(calib)
         shutil.rmtree(out + "-calibration", ignore_errors=True)
         per_epoch = (args.train_subset or 60000) // 128
-        steps = max(4, int(args.pretrain_min * 60 / step_s))
-        cfg = pretrain_config(probe_args, max(1, -(-steps // per_epoch)), out)
-        if steps < per_epoch * cfg.epochs:   # a budget of less than whole epochs: stop at it
-            cfg.max_steps = steps
-        Pretrainer(cfg).fit()
+        Pretrainer(pretrain_config(probe_args, epochs_for(args.pretrain_min, step_s, per_epoch), out)).fit()
     with open(summary_path) as f:
         summary = json.load(f)
     return {"run": out, "steps": summary["steps"], "epochs": summary["epochs"],
             "final_loss": summary["final_train_loss"], "minutes": args.pretrain_min}
-
-
-def seconds_per_step(trainer, steps: int = 4) -> float:
-    """Median seconds of trainer.train_step over `steps` batches (after one warm-up); the trainer is spent."""
-    batches = iter(trainer.epoch_batches(0, 0))
-    trainer.module.train()
-    times = []
-    for _ in range(steps + 1):
-        batch = next(batches)
-        t = time.perf_counter()
-        trainer.train_step(*batch)
-        times.append(time.perf_counter() - t)
-    return sorted(times[1:])[len(times[1:]) // 2]
 
 
 def finetune_arm(arm: str, seed: int, trunk: str, args) -> dict:
@@ -87,8 +71,7 @@ def finetune_arm(arm: str, seed: int, trunk: str, args) -> dict:
     per_epoch = calib.steps_per_epoch
     del calib
     shutil.rmtree(out + "-calibration", ignore_errors=True)
-    steps = max(4, int(args.minutes * 60 / step_s))
-    epochs = max(1, round(steps / per_epoch))
+    epochs = epochs_for(args.minutes, step_s, per_epoch)
     shutil.rmtree(out, ignore_errors=True)
     trainer = Trainer(finetune_config(trunk, **options, epochs=epochs, eval_every=epochs, output=out),
                       backbone_only=True)

@@ -17,10 +17,10 @@ import argparse
 import json
 import os
 import shutil
-import time
 
 import torch
 from machine import bf16_native, cpu_flags, cpu_model  # bench/ helper
+from sizing import epochs_for, seconds_per_step  # bench/ helper
 from torchvision.utils import make_grid, save_image
 
 from llamavit.data.dense import ADE20KSegmentation, CocoDetection, build_dense_transform
@@ -52,19 +52,6 @@ DET_RECIPE = dict(detector="fcos", fpn_channels=128, batch_size=16, lr=2e-4, wei
                   schedule="poly", clip_grad=10.0)
 
 
-def seconds_per_step(trainer, steps: int = 4) -> float:
-    """Median seconds of trainer.train_step over `steps` batches (after one warm-up); the trainer is spent."""
-    batches = iter(trainer.epoch_batches(0, 0))
-    trainer.module.train()
-    times = []
-    for _ in range(max(2, min(steps + 1, trainer.steps_per_epoch))):
-        batch = next(batches)
-        t = time.perf_counter()
-        trainer.train_step(*batch)
-        times.append(time.perf_counter() - t)
-    return sorted(times[1:])[len(times[1:]) // 2]
-
-
 def sized(trainer_cls, cfg_cls, options: dict, minutes: float, workdir: str):
     """A trainer of cfg_cls(**options) whose whole-epoch run lasts about `minutes` (measured step time)."""
     calib = trainer_cls(cfg_cls(**{**options, "output": os.path.join(workdir, "calibration"), "epochs": 1}))
@@ -72,7 +59,7 @@ def sized(trainer_cls, cfg_cls, options: dict, minutes: float, workdir: str):
     per_epoch = calib.steps_per_epoch
     del calib
     shutil.rmtree(os.path.join(workdir, "calibration"), ignore_errors=True)
-    epochs = max(1, round(minutes * 60 / step_s / per_epoch))
+    epochs = epochs_for(minutes, step_s, per_epoch)
     shutil.rmtree(options["output"], ignore_errors=True)
     trainer = trainer_cls(cfg_cls(**{**options, "epochs": epochs, "eval_every": epochs}))
     return trainer, step_s, epochs

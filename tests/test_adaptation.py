@@ -27,12 +27,7 @@ TINY = ["--model", "illama_tiny_patch16_224", "--model-kwargs", "patch_size=4", 
 LLM = dict(llm_path=None, llm_dim=32, llm_ffn_hidden=64, llm_num_heads=2, llm_num_layers=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster
 
 
 @pytest.fixture(scope="module")

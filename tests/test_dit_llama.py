@@ -20,12 +20,7 @@ TINY = dict(embed_dim=32, depth=2, num_heads=2, patch_size=4, img_size=16, in_ch
             mlp_multiple_of=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster
 
 
 def tiny(name="dit_llama_s_2", **kwargs):

@@ -11,12 +11,7 @@ TRUNK = dict(embed_dim=32, depth=2, num_heads=2, img_size=16, patch_size=4, in_c
              mlp_multiple_of=8, init_values=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster
 
 
 def objective(ratio=0.75, **kwargs):
