@@ -109,7 +109,7 @@ class Trainer(StepLoop):
             self.distillation = DistillationLoss(self.criterion, teacher, cfg.distill, cfg.distill_alpha,
                                                  cfg.distill_tau, teacher_size if teacher_size != cfg.img_size else 0)
         self.last_eval: Dict[str, float] = {}
-        if self.is_main:
+        if self.is_main and (cfg.lora_rank or cfg.freeze or cfg.trainable):   # what the adaptation left to train
             report = self.parameters_report
             print(f"trainable parameters: {report['trainable']:,} of {report['total']:,} "
                   f"({100 * report['fraction']:.2f} %)", file=sys.stderr)
