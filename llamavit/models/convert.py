@@ -180,10 +180,12 @@ def load_checkpoint(model: nn.Module, path: Union[str, Sequence[str]], assign: b
     return model
 
 
-def load_partial(model: nn.Module, path: str, keys: Sequence[str]) -> nn.Module:
+def load_partial(model: nn.Module, path: str, keys: Sequence[str],
+                 raw: Optional[Dict[str, torch.Tensor]] = None) -> nn.Module:
     """Load the entries `keys` of the model's state dict from `path`, which must hold exactly those (a LoRA
-    run's adapters and head); the model's other tensors stay as they are."""
-    state_dict = read_state_dict(path)
+    run's adapters and head); the model's other tensors stay as they are. raw: the file's state dict when it
+    was read already."""
+    state_dict = raw if raw is not None else read_state_dict(path)
     check_state_dict(model, state_dict, source=f"checkpoint {path}", only=keys)
     model.load_state_dict(state_dict, strict=False)
     return model

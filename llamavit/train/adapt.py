@@ -38,6 +38,11 @@ class LoraSettings:
     def to_dict(self) -> Dict[str, object]:
         return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets)}
 
+    @classmethod
+    def from_dict(cls, record: Dict[str, Any]) -> "LoraSettings":
+        """The settings of a run's 'lora' record (to_dict's keys; others, such as 'base', ignored)."""
+        return cls(record["rank"], record["alpha"], record["dropout"], tuple(record["targets"]))
+
 
 def check_lora_targets(targets: Sequence[str]) -> None:
     """Raise ValueError for an empty list or a target name that is not a key of LORA_TARGETS."""
@@ -109,13 +114,13 @@ def load_lora_run(model: nn.Module, lora: Dict[str, Any], weights: str) -> nn.Mo
     """A LoRA run's model: `model` (built from the run's meta) gets the base checkpoint, the adapters
     (settings from the meta's 'lora' record) and the saved adapters and head from `weights`."""
     load_base(model, lora["base"])
-    add_lora(model, LoraSettings(lora["rank"], lora["alpha"], lora["dropout"], tuple(lora["targets"])))
-    saved = list(read_state_dict(weights))
+    add_lora(model, LoraSettings.from_dict(lora))
+    saved = read_state_dict(weights)
     adapters = [name for name, _ in model.named_parameters() if ".lora_" in name]
     missing = sorted(set(adapters) - set(saved))
     if missing:
         raise CheckpointError(f"{weights} lacks LoRA adapters of its own settings: {missing[:3]}")
-    return load_partial(model, weights, saved)
+    return load_partial(model, weights, list(saved), raw=saved)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

@@ -83,10 +83,10 @@ class Trainer(StepLoop):
             load_backbone(model, path) if backbone_only else load_checkpoint(model, path)
         self.lora = None
         if cfg.lora_rank:
-            self.lora = {**LoraSettings(cfg.lora_rank, cfg.lora_alpha or float(cfg.lora_rank), cfg.lora_dropout,
-                                        cfg.lora_targets).to_dict(),
-                         "base": base_record(cfg.checkpoint_path, backbone_only)}
-            add_lora(model, LoraSettings(**{k: v for k, v in self.lora.items() if k != "base"}))
+            settings = LoraSettings(cfg.lora_rank, cfg.lora_alpha or float(cfg.lora_rank), cfg.lora_dropout,
+                                    cfg.lora_targets)
+            self.lora = {**settings.to_dict(), "base": base_record(cfg.checkpoint_path, backbone_only)}
+            add_lora(model, settings)
         apply_freezing(model, cfg.freeze, cfg.trainable)
         self.parameters_report = parameter_report(model)
         self.drop_schedule = DropPathSchedule(model) if cfg.drop_mode != "standard" else None
