@@ -8,7 +8,9 @@
 - layer-decay: a MAE pre-trained VisionLLaMA (bench/fmnist_mae's trunk and pre-training recipe, --pretrain-
   minutes, reused) fine-tuned by bench/fmnist_mae's fine-tuning recipe with and without layer-wise
   learning-rate decay 0.75.
-Each arm is sized to --minutes of training from a measured step time (whole epochs); top-1 on the full test set.
+The first arm is sized to --minutes of training from a measured step time (whole epochs) and every arm of the
+study trains that many epochs (a distilled student also pays for its teacher's forward: its seconds are in the
+JSON); top-1 on the full test set.
 Results merge into bench/results/fmnist_adaptation.json under the study's name (mean and std over seeds).
 
     python bench/fmnist_adaptation.py weight-selection --seeds 0 1 --minutes 6
@@ -37,19 +39,34 @@ CONFIGS = os.path.join(HERE, "..", "configs")
 RESULTS = os.path.join(HERE, "results", "fmnist_adaptation.json")
 
 
-def sized_run(cfg: TrainConfig, minutes: float, backbone_only: bool = False) -> dict:
-    """Train cfg for about `minutes` (epochs from a measured step time); -> summary + sizing facts."""
-    calib = Trainer(TrainConfig.from_dict({**cfg.to_dict(), "output": cfg.output + "-calibration", "epochs": 1}),
-                    backbone_only=backbone_only)
-    step_s, per_epoch = seconds_per_step(calib), calib.steps_per_epoch
-    del calib
-    shutil.rmtree(cfg.output + "-calibration", ignore_errors=True)
-    epochs = epochs_for(minutes, step_s, per_epoch)
+def sized_run(cfg: TrainConfig, minutes: float, backbone_only: bool = False, epochs: int = 0) -> dict:
+    """Train cfg for `epochs`, or (0) for about `minutes` (epochs from a measured step time); -> summary + sizing."""
+    step_s = None
+    if not epochs:
+        calib = Trainer(TrainConfig.from_dict({**cfg.to_dict(), "output": cfg.output + "-calibration", "epochs": 1}),
+                        backbone_only=backbone_only)
+        step_s, per_epoch = seconds_per_step(calib), calib.steps_per_epoch
+        del calib
+        shutil.rmtree(cfg.output + "-calibration", ignore_errors=True)
+        epochs = epochs_for(minutes, step_s, per_epoch)
     shutil.rmtree(cfg.output, ignore_errors=True)
     run_cfg = TrainConfig.from_dict({**cfg.to_dict(), "epochs": epochs, "eval_every": epochs})
     summary = Trainer(run_cfg, backbone_only=backbone_only).fit()
     return {"top1": summary["val_top1"], "epochs": epochs, "steps": summary["steps"], "seconds_per_step": step_s,
             "train_seconds": summary["train_seconds"], "final_train_loss": summary["final_train_loss"]}
+
+
+def paired_runs(study: str, arms, build, minutes: float, seeds, backbone_only: bool = False) -> list:
+    """Run every (seed, arm): build(arm, seed) -> TrainConfig. The first run is sized to `minutes`; every other
+    run gets its epoch count, so the arms differ only in what they test (a calibration per run would let timing
+    noise hand one arm an extra epoch)."""
+    runs, epochs = [], 0
+    for seed in seeds:
+        for arm in arms:
+            runs.append({"arm": arm, "seed": seed, **sized_run(build(arm, seed), minutes, backbone_only, epochs)})
+            epochs = runs[0]["epochs"]
+            print(f"{study} {arm} seed {seed}: {runs[-1]['top1']:.2f} ({runs[-1]['train_seconds']:.0f} s)")
+    return runs
 
 
 def illama_config(args, output: str, seed: int, **extra) -> TrainConfig:
@@ -59,12 +76,9 @@ def illama_config(args, output: str, seed: int, **extra) -> TrainConfig:
 
 
 def weight_selection(args) -> dict:
-    runs = []
-    for seed in args.seeds:
-        for arm, extra in (("random", {}), ("smollm2", {"init_from_llm": "smollm2"})):
-            out = os.path.join(args.output, f"ws-{arm}-seed{seed}")
-            runs.append({"arm": arm, "seed": seed, **sized_run(illama_config(args, out, seed, **extra), args.minutes)})
-            print(f"weight-selection {arm} seed {seed}: {runs[-1]['top1']:.2f}")
+    extras = {"random": {}, "smollm2": {"init_from_llm": "smollm2"}}
+    runs = paired_runs("weight-selection", extras, lambda arm, seed: illama_config(
+        args, os.path.join(args.output, f"ws-{arm}-seed{seed}"), seed, **extras[arm]), args.minutes, args.seeds)
     return {"arms": summarize(runs, ("random", "smollm2")), "runs": runs,
             "note": "blocks of the iLLaMA (D 96, 3 heads, SwiGLU 256) selected from SmolLM2-135M layers spread over "
                     "its depth; everything else at its init"}
@@ -78,12 +92,9 @@ def distill(args) -> dict:
         sized_run(cfg, args.teacher_minutes)
     with open(os.path.join(teacher, "summary.json")) as f:
         teacher_top1 = json.load(f)["val_top1"]
-    runs = []
-    for seed in args.seeds:
-        for arm, extra in (("alone", {}), ("distilled", {"teacher": teacher, "distill": "hard", "distill_alpha": 0.5})):
-            out = os.path.join(args.output, f"distill-{arm}-seed{seed}")
-            runs.append({"arm": arm, "seed": seed, **sized_run(illama_config(args, out, seed, **extra), args.minutes)})
-            print(f"distill {arm} seed {seed}: {runs[-1]['top1']:.2f}")
+    extras = {"alone": {}, "distilled": {"teacher": teacher, "distill": "hard", "distill_alpha": 0.5}}
+    runs = paired_runs("distill", extras, lambda arm, seed: illama_config(
+        args, os.path.join(args.output, f"distill-{arm}-seed{seed}"), seed, **extras[arm]), args.minutes, args.seeds)
     return {"teacher": {"config": "configs/fmnist_illama_wide.yaml", "minutes": args.teacher_minutes,
                         "top1": teacher_top1}, "arms": summarize(runs, ("alone", "distilled")), "runs": runs}
 
@@ -96,15 +107,14 @@ def layer_decay(args) -> dict:
         step_s, per_epoch = seconds_per_step(calib), calib.steps_per_epoch
         shutil.rmtree(pre + "-calibration", ignore_errors=True)
         Pretrainer(mae_pretrain_config(mae_args, epochs_for(args.pretrain_minutes, step_s, per_epoch), pre)).fit()
-    runs = []
-    for seed in args.seeds:
-        for arm, extra in (("no_decay", {}), ("decay_0.75", {"layer_decay": 0.75})):
-            out = os.path.join(args.output, f"ld-{arm}-seed{seed}")
-            recipe = mae_finetune_config(argparse.Namespace(train_subset=args.train_subset, val_subset=args.val_subset,
-                                                            seed=seed, smoke=True), 1, out, checkpoint=pre)
-            cfg = TrainConfig.from_dict({**recipe.to_dict(), "log_every": 50, **extra})
-            runs.append({"arm": arm, "seed": seed, **sized_run(cfg, args.minutes, backbone_only=True)})
-            print(f"layer-decay {arm} seed {seed}: {runs[-1]['top1']:.2f}")
+    extras = {"no_decay": {}, "decay_0.75": {"layer_decay": 0.75}}
+
+    def build(arm, seed):
+        recipe = mae_finetune_config(argparse.Namespace(train_subset=args.train_subset, val_subset=args.val_subset,
+                                                        seed=seed, smoke=True), 1,
+                                     os.path.join(args.output, f"ld-{arm}-seed{seed}"), checkpoint=pre)
+        return TrainConfig.from_dict({**recipe.to_dict(), "log_every": 50, **extras[arm]})
+    runs = paired_runs("layer-decay", extras, build, args.minutes, args.seeds, backbone_only=True)
     return {"pretrain": {"minutes": args.pretrain_minutes, "run": pre}, "arms": summarize(runs, ("no_decay",
                                                                                                   "decay_0.75")),
             "runs": runs}

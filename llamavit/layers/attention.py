@@ -136,12 +136,14 @@ def naive_soft_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return (probs.mul_(mask) if inplace else probs * mask) @ v
 
 
-def prefix_causal_mask(num_tokens: int, prefix_len, device=None) -> torch.Tensor:
+def prefix_causal_mask(num_tokens: int, prefix_len, device=None, rank: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Boolean SDPA mask, True = may attend: j <= i or j < prefix_len (AIM's pre-training mask).
 
-    prefix_len: an int -> (N, N); a (B,) tensor of per-sample lengths -> (B, 1, N, N).
+    prefix_len: an int -> (N, N); a (B,) tensor of per-sample lengths -> (B, 1, N, N). rank: (N,) when each
+    token comes in another visiting order (default: its index); then i sees j when rank[j] <= rank[i] or
+    rank[j] < prefix_len, i.e. the same mask in that order.
     """
-    idx = torch.arange(num_tokens, device=device)
+    idx = torch.arange(num_tokens, device=device) if rank is None else rank.to(device)
     causal = idx[None, :] <= idx[:, None]
     if isinstance(prefix_len, torch.Tensor) and prefix_len.ndim == 1:
         prefix = idx[None, None, :] < prefix_len.to(device)[:, None, None]

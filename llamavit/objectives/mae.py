@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from ..layers import Attention, Rope2D, run_blocks, swiglu_hidden_dim
 from ..models.visionllama import build_block
-from .targets import freeze_unreached, normalized_targets, patchify
+from .targets import freeze_unreached, normalized_targets, patchify, unnormalize_like
 
 
 @dataclass
@@ -83,6 +83,15 @@ class MAEObjective(nn.Module):
         preds = self.decode(self.trunk.forward_features(images, keep=ids_keep), ids_keep, grid)
         per_patch = ((preds.float() - normalized_targets(patchify(images.float(), p))) ** 2).mean(-1)
         return (per_patch * mask).sum() / mask.sum(), preds, mask
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor):
+        """A random mask at the training ratio: -> (pixel patches (B, N, p*p*C): the visible ones and the
+        un-normalised predictions of the hidden ones, given (B, N) bool)."""
+        _, preds, mask = self(images)
+        patches = patchify(images.float(), self.patch_size)
+        hidden = mask.bool()
+        return torch.where(hidden[..., None], unnormalize_like(preds, patches), patches), ~hidden
 
 
 class _ParamHolder(nn.Module):

@@ -30,6 +30,13 @@ def normalized_targets(patches: torch.Tensor, eps: float = TARGET_EPS) -> torch.
     return (patches - mean) / (var + eps) ** 0.5
 
 
+def unnormalize_like(preds: torch.Tensor, patches: torch.Tensor, eps: float = TARGET_EPS) -> torch.Tensor:
+    """Predictions of normalised patches (B, M, K) back to pixels with the true patches' (B, M, K) own mean and
+    std (as MAE's figures show them), float32."""
+    mean, var = patches.float().mean(dim=-1, keepdim=True), patches.float().var(dim=-1, keepdim=True)
+    return preds.float() * (var + eps).sqrt() + mean
+
+
 def freeze_unreached(model: nn.Module, forward: Callable[[], torch.Tensor]) -> List[str]:
     """Run `forward()` (a small probe through `model`) with autograd and freeze the trainable parameters it
     does not reach (a classifier's head, AIM's attentive probe): the optimiser then leaves them out and DDP

@@ -30,6 +30,7 @@ from .distributed import all_reduce_sum
 from .step_loop import StepLoop
 
 HEADS = ("attentive", "linear")
+ATTENTIONS = ("bidirectional", "causal")
 
 
 @dataclass
@@ -46,6 +47,7 @@ class ProbeConfig(LoopConfig):
     img_size: int = 0                       # 0 = the checkpoint's
     in_chans: int = 0                       # 0 = the checkpoint's
     augment: bool = False                   # RandomResizedCrop + flip per step (no feature cache)
+    attention: Optional[str] = None         # None = the trunk's own | 'bidirectional' | 'causal' (an explicit mask)
     batch_size: int = 256
     lr: float = 1e-3
     min_lr: float = 1e-6
@@ -60,6 +62,8 @@ class ProbeConfig(LoopConfig):
         super().__post_init__()
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.attention not in (None, *ATTENTIONS):
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.checkpoint is None and self.model is None:
             raise ValueError("give a checkpoint to probe, or a model name to probe a randomly initialised trunk")
 
@@ -67,7 +71,9 @@ class ProbeConfig(LoopConfig):
 HELP = {
     "checkpoint": "llamavit run/checkpoint dir, or an official weights file (then --model names it)",
     "model": "model name (default: the checkpoint's); without --checkpoint: a randomly initialised trunk",
-    "head": "attentive | linear", "augment": "augment each step (RandomResizedCrop 0.4-1 + flip); no feature cache",
+    "head": "attentive | linear",
+    "attention": "the trunk's attention while probing: bidirectional | causal (default: the trunk's own)",
+    "augment": "augment each step (RandomResizedCrop 0.4-1 + flip); no feature cache",
     "img_size": "input size (0 = the checkpoint's)", "in_chans": "input channels (0 = the checkpoint's)",
 }
 
@@ -104,12 +110,25 @@ def _transform(cfg: ProbeConfig, kwargs: Dict[str, Any], train: bool):
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, dataset, batch_size: int = 256, progress: bool = False, device=None):
-    """Frozen features of a whole dataset: (float16 (M, N, D) tokens on the CPU, int64 (M,) labels)."""
+def trunk_features(model: nn.Module, images: torch.Tensor, attention: Optional[str] = None) -> torch.Tensor:
+    """forward_features (B, T, D) with the trunk's own attention (None), or with an explicit all-tokens mask:
+    'bidirectional' (every token sees every token) or 'causal' (token i sees tokens j <= i)."""
+    if attention is None:
+        return model.forward_features(images)
+    total = model.forward_features(images[:1]).shape[1]
+    mask = torch.ones(total, total, dtype=torch.bool, device=images.device)
+    return model.forward_features(images, attn_mask=mask if attention == "bidirectional" else mask.tril())
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, dataset, batch_size: int = 256, progress: bool = False, device=None,
+                     attention: Optional[str] = None):
+    """Frozen features of a whole dataset (trunk_features with `attention`): (float16 (M, T, D) tokens on the
+    CPU, int64 (M,) labels)."""
     model.eval()
     feats, labels = [], []
     for images, targets in tqdm(DataLoader(dataset, batch_size=batch_size), disable=not progress, desc="features"):
-        feats.append(model.forward_features(images.to(device)).half().cpu())
+        feats.append(trunk_features(model, images.to(device), attention).half().cpu())
         labels.append(targets)
     return torch.cat(feats), torch.cat(labels)
 
@@ -134,9 +153,9 @@ class Prober(StepLoop):
         if cfg.val_subset:
             val_set = Subset(val_set, range(min(cfg.val_subset, len(val_set))))
         device = self.env.device
-        self.val_set = TensorDataset(*extract_features(self.trunk, val_set, progress=cfg.progress, device=device))
-        self.init_data(train_set if cfg.augment else TensorDataset(
-            *extract_features(self.trunk, train_set, progress=cfg.progress, device=device)))
+        extract = dict(progress=cfg.progress, device=device, attention=cfg.attention)
+        self.val_set = TensorDataset(*extract_features(self.trunk, val_set, **extract))
+        self.init_data(train_set if cfg.augment else TensorDataset(*extract_features(self.trunk, train_set, **extract)))
         dim = self.trunk.num_features
         heads = getattr(getattr(self.trunk, "cfg", None), "num_heads", max(1, dim // 64))
         head = (AttentivePoolingHead(dim, len(self.classes), heads) if cfg.head == "attentive"
@@ -146,14 +165,13 @@ class Prober(StepLoop):
                            min_lr=cfg.min_lr, ema_decay=cfg.ema_decay)
 
     def meta(self) -> Dict[str, Any]:
-        return {"probe_head": self.cfg.head, "trunk": self.model_kwargs, "trunk_checkpoint": self.cfg.checkpoint,
-                "classes": self.classes}
+        return {"probe_head": self.cfg.head, "attention": self.cfg.attention, "trunk": self.model_kwargs,
+                "trunk_checkpoint": self.cfg.checkpoint, "classes": self.classes}
 
     def prepare_batch(self, x: torch.Tensor, y: torch.Tensor):
         x, y = x.to(self.env.device), y.to(self.env.device)
         if self.cfg.augment:   # images: the frozen trunk's features of this step's augmented batch
-            with torch.no_grad():
-                x = self.trunk.forward_features(x)
+            x = trunk_features(self.trunk, x, self.cfg.attention)
         return x.float(), y
 
     def loss(self, features: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
