@@ -10,6 +10,7 @@
     llamavit predict IMG... --checkpoint RUN   top-5 classes of image files
     llamavit analyze activations|calibration|quantize|resolution|attention --checkpoint RUN
     llamavit ablate illama-ladder [--epochs N --seeds 0 1]   the ViT -> iLLaMA ablation ladder
+    llamavit ablate aim [--arms A B --seeds 0 1 --smoke]     AIM's pre-training ablations and claims
     llamavit generate train|sample|eval  class-conditional DiT / DiT-LLaMA (DDPM or SiT flow), grids, FID
     llamavit scenes build --output DIR   Fashion-MNIST scenes in the ADE20K and COCO layouts
     llamavit segment train|eval|predict  semantic segmentation (UperNet / FPN / linear on any backbone)

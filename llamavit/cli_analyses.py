@@ -1,11 +1,12 @@
 """`llamavit analyze activations|calibration|quantize|resolution|attention` and `llamavit ablate
-illama-ladder`: argument definitions and thin command bodies (the work is in llamavit.eval and
+illama-ladder|aim`: argument definitions and thin command bodies (the work is in llamavit.eval and
 llamavit.ablation)."""
 import argparse
 import os
 
-LADDER_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                             "ladder_illama.yaml")
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+LADDER_CONFIG = os.path.join(CONFIGS, "ladder_illama.yaml")
+AIM_CONFIG = os.path.join(CONFIGS, "ablation_aim.yaml")
 
 
 def _common(a: argparse.ArgumentParser, output: str, subset_help: str = "use the first N validation images "
@@ -72,21 +73,29 @@ def add_analyze_parser(sub) -> None:
 
 
 def add_ablate_parser(sub) -> None:
-    """`llamavit ablate illama-ladder`: a ladder file trained rung by rung."""
-    p = sub.add_parser("ablate", help="ablation ladders (the iLLaMA ViT -> iLLaMA ladder)", description=(
-        "Train every rung of a ladder file with the same budget and seeds, then write ladder.json, ladder.md, "
-        "ladder_curves.png and ladder_attention_spectrum.png (attention ranks of every trained rung). "
-        "Interrupted runs resume; delete the output directory to start over."))
-    p.add_argument("ladder", choices=["illama-ladder"], help="which ladder")
-    p.add_argument("--config", default=LADDER_CONFIG, help=f"ladder YAML (default: {LADDER_CONFIG})")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default: 0)")
-    p.add_argument("--rungs", nargs="+", help="train only these rungs (default: all)")
-    p.add_argument("--epochs", type=int, help="epochs per rung (default: the ladder file's)")
-    p.add_argument("--max-steps", type=int, help="stop every rung after N steps (the schedule still spans --epochs)")
-    p.add_argument("--train-subset", type=int, help="first N training images (default: the ladder file's, all)")
+    """`llamavit ablate illama-ladder|aim`: a ladder file trained rung by rung, or AIM's ablation arms."""
+    p = sub.add_parser("ablate", help="ablations: the iLLaMA ViT -> iLLaMA ladder, AIM's pre-training ablations",
+                       description=(
+        "illama-ladder: train every rung of a ladder file with the same budget and seeds, then write ladder.json, "
+        "ladder.md, ladder_curves.png and ladder_attention_spectrum.png (attention ranks of every trained rung). "
+        "aim: pre-train every arm of an AIM ablation file with the same budget, attentive-probe each, judge the "
+        "paper's claims, and write aim_ablation.json, aim_ablation.md and aim_ablation.png. "
+        "Interrupted runs resume and finished arms are kept; delete the output directory to start over."))
+    p.add_argument("ladder", choices=["illama-ladder", "aim"], help="which ablation")
+    p.add_argument("--config", help=f"ablation YAML (default: {LADDER_CONFIG} / {AIM_CONFIG})")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 for the ladder, 0 1 for aim)")
+    p.add_argument("--rungs", nargs="+", help="illama-ladder: train only these rungs (default: all)")
+    p.add_argument("--arms", nargs="+", help="aim: run only these arms, and those they reuse (default: all)")
+    p.add_argument("--epochs", type=int, help="epochs per rung / arm (default: the file's)")
+    p.add_argument("--max-steps", type=int, help="illama-ladder: stop every rung after N steps")
+    p.add_argument("--train-subset", type=int, help="first N training images (default: the file's, all)")
     p.add_argument("--val-subset", type=int, help="first N test images (default: all)")
-    p.add_argument("--batch-size", type=int, help="batch size (default: the ladder file's)")
-    p.add_argument("--output", default="runs/ladder_illama", help="output directory (default: runs/ladder_illama)")
+    p.add_argument("--batch-size", type=int, help="batch size (default: the file's)")
+    p.add_argument("--probe-epochs", type=int, help="aim: probe epochs (default: the file's)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="aim: bf16 autocast in pre-training (default: the file's; fast only on CPUs with bf16)")
+    p.add_argument("--smoke", action="store_true", help="aim: tiny subsets and one epoch: checks the pipeline only")
+    p.add_argument("--output", help="output directory (default: runs/ladder_illama / runs/ablation_aim)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
 
 
@@ -145,11 +154,32 @@ def cmd_analyze(args) -> None:
 
 
 def cmd_ablate(args) -> None:
-    """Train every rung of the ladder (resuming finished ones) and write its report."""
+    """Train every rung of the ladder / arm of the AIM ablation (resuming finished ones) and write its report."""
+    if args.ladder == "aim":
+        return _ablate_aim(args)
     from .ablation import format_ladder_table, load_ladder, run_ladder, save_ladder_report, summarize_ladder
-    ladder = load_ladder(args.config)
+    ladder = load_ladder(args.config or LADDER_CONFIG)
     budget = {k: getattr(args, k) for k in ("epochs", "max_steps", "train_subset", "val_subset", "batch_size")}
-    result = run_ladder(ladder, args.output, seeds=args.seeds, only=args.rungs, progress=args.progress, **budget)
-    paths = save_ladder_report(result, args.output)
+    output = args.output or "runs/ladder_illama"
+    result = run_ladder(ladder, output, seeds=args.seeds or [0], only=args.rungs, progress=args.progress, **budget)
+    paths = save_ladder_report(result, output)
     print(format_ladder_table(summarize_ladder(result), markdown=False))
+    print(f"wrote {', '.join(paths)}")
+
+
+def _ablate_aim(args) -> None:
+    from .ablation.aim import SMOKE, format_claims, load_aim_ablation, run_aim_ablation, save_aim_report
+    ablation = load_aim_ablation(args.config or AIM_CONFIG)
+    pretrain = {"epochs": args.epochs, "train_subset": args.train_subset, "batch_size": args.batch_size,
+                "amp": args.amp}
+    probe = {"epochs": args.probe_epochs, "val_subset": args.val_subset}
+    seeds, output, progress = args.seeds or [0, 1], args.output or "runs/ablation_aim", args.progress
+    if args.smoke:
+        pretrain, probe = {**pretrain, **SMOKE["pretrain"]}, {**probe, **SMOKE["probe"]}
+        seeds, output, progress = args.seeds or [0], args.output or "runs/ablation_aim_smoke", False
+    result = run_aim_ablation(ablation, output, seeds=seeds, only=args.arms, progress=progress,
+                              pretrain_budget=pretrain, probe_budget=probe)
+    result["smoke"] = args.smoke
+    paths = save_aim_report(result, output)
+    print(format_claims(result["claims"]))
     print(f"wrote {', '.join(paths)}")

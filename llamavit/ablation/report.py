@@ -7,7 +7,8 @@ from typing import Any, Dict, List
 from ..eval.attention import plot_spectra
 
 
-def _mean_std(values: List[float]) -> Dict[str, float]:
+def mean_std(values: List[float]) -> Dict[str, float]:
+    """{'mean', 'std' (sample std, 0 for one value)} of the values that are not None ({None, None} if none)."""
     values = [v for v in values if v is not None]
     if not values:
         return {"mean": None, "std": None}
@@ -23,10 +24,10 @@ def summarize_ladder(result: Dict[str, Any]) -> List[Dict[str, Any]]:
             continue
         rows.append({"rung": rung["name"], "change": rung["change"], "params": runs[0]["params"],
                      "attention": runs[0]["attention"], "seeds": [r["seed"] for r in runs],
-                     "top1": _mean_std([r["top1"] for r in runs]),
-                     "final_train_loss": _mean_std([r["final_train_loss"] for r in runs]),
-                     "attention_rank": _mean_std([r["attention_rank"]["mean_rank"] for r in runs]),
-                     "effective_rank": _mean_std([r["attention_rank"]["mean_effective_rank"] for r in runs]),
+                     "top1": mean_std([r["top1"] for r in runs]),
+                     "final_train_loss": mean_std([r["final_train_loss"] for r in runs]),
+                     "attention_rank": mean_std([r["attention_rank"]["mean_rank"] for r in runs]),
+                     "effective_rank": mean_std([r["attention_rank"]["mean_effective_rank"] for r in runs]),
                      "num_tokens": runs[0]["attention_rank"]["num_tokens"],
                      # wall time of runs trained start to finish here (a resumed run's counts only its tail)
                      "seconds": statistics.fmean(fresh) if (fresh := [r["seconds"] for r in runs
@@ -34,7 +35,8 @@ def summarize_ladder(result: Dict[str, Any]) -> List[Dict[str, Any]]:
     return rows
 
 
-def _pm(stat: Dict[str, float], digits: int) -> str:
+def plus_minus(stat: Dict[str, float], digits: int) -> str:
+    """'mean ± std' with `digits` decimals, '-' without a mean."""
     if stat["mean"] is None:
         return "-"
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
@@ -46,9 +48,10 @@ def format_ladder_table(rows: List[Dict[str, Any]], markdown: bool = True) -> st
               "effective rank", "s / run (not resumed)"]
     lines = []
     for r in rows:
-        lines.append([r["rung"], r["change"], f"{r['params']:,}", _pm(r["top1"], 2), _pm(r["final_train_loss"], 4),
-                      r["attention"], f"{_pm(r['attention_rank'], 1)} / {r['num_tokens']}",
-                      _pm(r["effective_rank"], 2), "-" if r["seconds"] is None else f"{r['seconds']:.0f}"])
+        lines.append([r["rung"], r["change"], f"{r['params']:,}", plus_minus(r["top1"], 2),
+                      plus_minus(r["final_train_loss"], 4),
+                      r["attention"], f"{plus_minus(r['attention_rank'], 1)} / {r['num_tokens']}",
+                      plus_minus(r["effective_rank"], 2), "-" if r["seconds"] is None else f"{r['seconds']:.0f}"])
     if markdown:
         out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         return "\n".join(out + ["| " + " | ".join(row) + " |" for row in lines])
