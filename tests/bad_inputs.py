@@ -36,6 +36,14 @@ def finetune(*extra):
             "--no-progress", "--output", "{dir}/ft", *extra]
 
 
+def pretrain(*extra):
+    """`llamavit pretrain aim` of a tiny AIM for one step, with `extra` flags."""
+    return ["pretrain", "aim", "--model", "aim_600m_patch14_224", "--model-kwargs", "embed_dim=32", "depth=1",
+            "num_heads=2", "patch_size=8", "probe_layers=1", "--img-size", "32", "--data", "synthetic",
+            "--decoder-dim", "16", "--decoder-depth", "1", "--batch-size", "16", "--max-steps", "1",
+            "--output", "{dir}/pre_case", "--no-progress", *extra]
+
+
 def kwargs(*items):
     return train(kw=list(items))
 
@@ -135,6 +143,17 @@ CASES = [
     ("a freeze pattern that matches nothing", finetune("--freeze", "block.*"),
      "--freeze pattern 'block.*' matches no parameter of ILLaMA (names look like"),
     ("a teacher without --distill", train("--teacher", "{run}"), "distillation needs both --teacher"),
+    # AIM's ablations
+    ("an unknown patch order", pretrain("--order", "zigzag"), "order must be one of ('raster', 'reverse_raster'"),
+    ("a token target for MAE", pretrain("--objective", "mae", "--target", "tokens"),
+     "the MAE objective predicts normalised pixels only, got target 'tokens'"),
+    ("a codebook larger than its patches", pretrain("--target", "tokens", "--codebook-size", "512",
+                                                    "--codebook-images", "2"),
+     "a codebook of 512 codes needs at least 512 patches"),
+    ("probing under an unknown attention", ["probe", "--checkpoint", "{pre}", "--attention", "full"],
+     "attention must be one of ('bidirectional', 'causal'), got 'full'"),
+    ("an ablation file with an unknown claim kind", ["ablate", "aim", "--config", "{dir}/bad_ablation.yaml"],
+     "claim 'c' has kind 'bigger'; expected one of"),
 ]
 
 
@@ -156,6 +175,8 @@ class Context:
         (r / "list.yaml").write_text("- 1\n- 2\n")
         (r / "broken.yaml").write_text("lr: [1, 2\n")
         (r / "unknown.yaml").write_text("lrr: 0.1\n")
+        (r / "bad_ablation.yaml").write_text("arms: [{name: a}, {name: b}]\n"
+                                             "claims: [{name: c, kind: bigger, arms: [a, b]}]\n")
         (r / "afile").write_text("")
         (r / "truncated").mkdir()
         (r / "truncated" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\"")

@@ -47,13 +47,13 @@ def test_arm_configs_scale_epochs_and_images(tmp_path):
     ablation = load_aim_ablation(CONFIG)
     arms = {a.name: a for a in ablation.arms}
     base = arm_pretrain_config(ablation, arms["baseline"], 1, str(tmp_path), 60000)
-    assert (base.epochs, base.train_subset, base.seed, base.resume) == (3, 0, 1, True)
+    assert (base.epochs, base.train_subset, base.seed, base.resume) == (1, 0, 1, True)
     assert base.output == str(tmp_path / "baseline" / "seed1" / "pretrain")
     small = arm_pretrain_config(ablation, arms["data_10pct"], 0, str(tmp_path), 60000)
-    assert (small.epochs, small.train_subset) == (30, 6000)          # 10 % of the images, the same steps
+    assert (small.epochs, small.train_subset) == (10, 6000)          # 10 % of the images, the same steps
     cut = arm_pretrain_config(ablation, arms["data_10pct"], 0, str(tmp_path), 60000, train_subset=1000, epochs=2)
     assert (cut.epochs, cut.train_subset) == (20, 100)               # the fraction of the budget's images
-    assert arm_pretrain_config(ablation, arms["schedule_2x"], 0, str(tmp_path), 60000).epochs == 6
+    assert arm_pretrain_config(ablation, arms["schedule_2x"], 0, str(tmp_path), 60000).epochs == 2
     wide = arm_pretrain_config(ablation, arms["wide"], 0, str(tmp_path), 60000, batch_size=64)
     assert wide.model_kwargs["embed_dim"] == 128 and wide.batch_size == 64
     tokens = arm_pretrain_config(ablation, arms["tokens"], 0, str(tmp_path), 60000)
