@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         "AIM pre-training of any llamavit trunk that takes an attention mask (prefix-causal attention, MLP "
         "pixel decoder, next-patch regression), or MAE of the plain VisionLLaMA. Options from --config (YAML) "
         "overridden by flags."))
-    p.add_argument("objective", choices=["aim", "mae"], help="pre-training objective (mae: plain VisionLLaMA)")
+    p.add_argument("objective", choices=["aim", "masked", "mae"],
+                   help="pre-training objective (masked: AIM's masked baseline, same trunk; mae: plain VisionLLaMA)")
     p.add_argument("--config", help="YAML file of pre-training options")
     add_config_flags(p, PretrainConfig, PRETRAIN_HELP, skip=("objective",))
 

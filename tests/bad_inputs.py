@@ -36,9 +36,9 @@ def finetune(*extra):
             "--no-progress", "--output", "{dir}/ft", *extra]
 
 
-def pretrain(*extra):
-    """`llamavit pretrain aim` of a tiny AIM for one step, with `extra` flags."""
-    return ["pretrain", "aim", "--model", "aim_600m_patch14_224", "--model-kwargs", "embed_dim=32", "depth=1",
+def pretrain(*extra, objective="aim"):
+    """`llamavit pretrain aim|mae` of a tiny AIM for one step, with `extra` flags."""
+    return ["pretrain", objective, "--model", "aim_600m_patch14_224", "--model-kwargs", "embed_dim=32", "depth=1",
             "num_heads=2", "patch_size=8", "probe_layers=1", "--img-size", "32", "--data", "synthetic",
             "--decoder-dim", "16", "--decoder-depth", "1", "--batch-size", "16", "--max-steps", "1",
             "--output", "{dir}/pre_case", "--no-progress", *extra]
@@ -145,7 +145,7 @@ CASES = [
     ("a teacher without --distill", train("--teacher", "{run}"), "distillation needs both --teacher"),
     # AIM's ablations
     ("an unknown patch order", pretrain("--order", "zigzag"), "order must be one of ('raster', 'reverse_raster'"),
-    ("a token target for MAE", pretrain("--objective", "mae", "--target", "tokens"),
+    ("a token target for MAE", pretrain("--target", "tokens", objective="mae"),
      "the MAE objective predicts normalised pixels only, got target 'tokens'"),
     ("a codebook larger than its patches", pretrain("--target", "tokens", "--codebook-size", "512",
                                                     "--codebook-images", "2"),
