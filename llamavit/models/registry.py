@@ -72,12 +72,13 @@ def register_family(family: str, model_cls: type, cfg_cls: type, feature_cfg: Op
         _FEATURE_CFGS[family] = feature_cfg
 
 
-def _register(name: str, family: str, img_size: int, doc: str, pretrained_cfg: Optional[dict] = None,
+def _register(name: str, family: str, img_size: Optional[int], doc: str, pretrained_cfg: Optional[dict] = None,
               **arch) -> None:
-    """Register one named config with timm; `arch` holds the config fields it fixes."""
+    """Register one named config with timm; `arch` holds the config fields it fixes. img_size None: a model that
+    takes no image size (point clouds); its pretrained_cfg then states its `input_size`."""
     MODEL_FAMILY[name] = family
-    _ARCH_DEFAULTS[name] = {"img_size": img_size, **arch}
-    default_cfgs.update(generate_default_cfgs({name: _cfg(img_size, **(pretrained_cfg or {}))}))
+    _ARCH_DEFAULTS[name] = {**({"img_size": img_size} if img_size is not None else {}), **arch}
+    default_cfgs.update(generate_default_cfgs({name: _cfg(img_size or 224, **(pretrained_cfg or {}))}))
 
     def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
         return _build(name, pretrained, **kwargs)

@@ -114,7 +114,10 @@ class TrainConfig(LoopConfig):
     in_chans: int = 3
     drop_path: float = 0.0
     # data
-    data: str = "fashion_mnist"            # 'fashion_mnist', 'synthetic' or an ImageFolder path
+    task: str = "image"                    # the inputs: image | points (clouds) | video (clips); docs/modalities.md
+    data: str = "fashion_mnist"            # 'fashion_mnist', 'synthetic' or a path (ImageFolder, point or clip folders)
+    num_points: int = 1024                 # points: points per cloud (sampled from each file)
+    num_frames: int = 8                    # video: frames per clip
     train_subset: int = 0                  # >0: use only the first N training images (smoke runs)
     val_subset: int = 0
     mean: Optional[Tuple[float, ...]] = None
@@ -164,6 +167,7 @@ class TrainConfig(LoopConfig):
                "re_prob": ("in", (0, 1.001)), "crop_pct": ("in", (0.001, 1.001)), "scale": ("sorted", None),
                "betas": ("each in", (0, 1)), "soft_mask_epochs": (">=", 0), "eval_every": (">", 0),
                "train_subset": (">=", 0), "val_subset": (">=", 0), "img_size": (">", 0), "in_chans": (">", 0),
+               "num_points": (">", 0), "num_frames": (">", 0),
                "drop_cutoff_epochs": (">=", 0), "layer_decay": ("fraction", None), "lora_rank": (">=", 0),
                "lora_alpha": (">", 0), "lora_dropout": ("in", (0, 1)), "distill_alpha": ("in", (0, 1.001)),
                "distill_tau": (">", 0)}
@@ -171,7 +175,8 @@ class TrainConfig(LoopConfig):
     def __post_init__(self):
         super().__post_init__()
         choices = {"soft_mask": ("none", "constant", "linear"), "drop_mode": ("standard", "early", "late"),
-                   "drop_schedule": ("constant", "linear"), "distill": ("none", "soft", "hard")}
+                   "drop_schedule": ("constant", "linear"), "distill": ("none", "soft", "hard"),
+                   "task": ("image", "points", "video")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
