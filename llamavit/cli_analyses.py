@@ -33,6 +33,10 @@ def add_analyze_parser(sub) -> None:
     a.add_argument("--num-images", type=int, default=8, help="first N validation images (default: 8)")
     a.add_argument("--high-pass", type=float, default=0.25,
                    help="frequency cut-off in cycles per token, 0.5 = Nyquist (default: 0.25)")
+    a.add_argument("--foreground-threshold", type=float,
+                   help="score each map as a foreground detector, the foreground being the pixels brighter than this "
+                        "(0-1, the normalisation undone; default: 0.1 on fashion_mnist, where the item is the only "
+                        "non-black content, else no score)")
     a.add_argument("--output", default="runs/activations", help="output directory (default: runs/activations)")
     a.add_argument("--ema", action="store_true", help="use the EMA weights if the checkpoint has them")
     a = analyses.add_parser("calibration", help="expected calibration error (15 bins) and reliability diagram",
@@ -143,11 +147,24 @@ def cmd_analyze(args) -> None:
             paths = save_attention_report(result, images, args.output, labels)
             print(f"{data}: {len(labels)} images, query: {result['query']}\n{format_rank_table(result)}")
         else:
-            from .eval.activations import ActivationConfig, analyze_activations, save_activation_report
+            from .eval.activations import (ActivationConfig, analyze_activations, foreground_from_images,
+                                           format_foreground_table, save_activation_report)
+            from .eval.loaders import checkpoint_transform
             cfg = ActivationConfig(high_pass=args.high_pass)
+            threshold = args.foreground_threshold
+            if threshold is None and data == "fashion_mnist":
+                threshold = 0.1
+            foreground = None
+            if threshold is not None:
+                from .data.transforms import rgb_normalization
+                tcfg = checkpoint_transform(args.checkpoint)
+                mean, std = rgb_normalization(tcfg.mean, tcfg.std, tcfg.in_chans)
+                foreground = foreground_from_images(images, mean, std, threshold)
             with torch.no_grad():
-                result = analyze_activations(model, images, cfg)
+                result = analyze_activations(model, images, cfg, foreground)
             paths = save_activation_report(result, images, args.output, labels, cfg)
+            if foreground is not None:
+                print(format_foreground_table(result))
             print(f"{data}: {len(labels)} images, {len(result['blocks'])} blocks -> {args.output} "
                   f"({len(paths) - 1} PNG + activations.json)")
     print(f"wrote {', '.join(paths)}")

@@ -302,6 +302,32 @@ def test_activation_measures_on_known_maps():
     assert abs(share_check.item() - 1) < 1e-6 and torch.allclose(f_check, magnitude_map(checker), atol=1e-5)
 
 
+def test_foreground_scores_on_a_hand_example():
+    from llamavit.eval.activations import foreground_from_images, foreground_scores, patch_foreground
+    pixels = torch.zeros(1, 8, 8, dtype=torch.bool)
+    pixels[0, :4, :4] = True                   # the object: the top-left quarter of the image
+    pixels[0, 4, 4] = True                     # one stray pixel: 1/4 of its 2 x 2 patch, background
+    fg = patch_foreground(pixels, (4, 4))
+    assert fg[0].sum() == 4 and fg[0, :2, :2].all()
+    on_object = torch.zeros(1, 4, 4)
+    on_object[0, :2, :2] = 2.0
+    on_object[0, 2:, 2:] = 1.0
+    perfect = foreground_scores(on_object + 0.5, fg)
+    assert perfect["foreground_ap"] == pytest.approx(1.0)
+    assert perfect["foreground_ratio"] == pytest.approx(2.5 / ((4 * 1.5 + 8 * 0.5) / 12))
+    flat = foreground_scores(torch.ones(1, 4, 4), fg)
+    assert flat["foreground_ap"] == pytest.approx(4 / 16) and flat["foreground_ratio"] == pytest.approx(1.0)
+    untied = torch.arange(16.0).view(1, 4, 4) * 0.01
+    inverted = foreground_scores(3.0 - on_object + untied, fg)   # the background first: AP below the base rate
+    assert inverted["foreground_ap"] < 0.25 and inverted["foreground_ratio"] < 1
+    # the mask from normalised images: the normalisation is undone before the threshold
+    raw = torch.zeros(1, 1, 8, 8)
+    raw[0, 0, 2, 3] = 0.5
+    normalised = (raw - 0.286) / 0.353
+    mask = foreground_from_images(normalised, (0.286, 0.286, 0.286), (0.353, 0.353, 0.353), threshold=0.1)
+    assert mask.shape == (1, 8, 8) and mask.sum() == 1 and mask[0, 2, 3]
+
+
 def test_analyze_activations_report(tmp_path):
     import json
 
@@ -325,6 +351,8 @@ def test_analyze_activations_report(tmp_path):
 
 
 def test_cli_analyze_activations(tmp_path, capsys):
+    import json
+
     from llamavit.cli import main
     from llamavit.train import TrainConfig, train
     kwargs = dict(SMALL, llm_path="random", llm_dim=32, llm_num_heads=4, llm_ffn_hidden=64)
@@ -335,6 +363,15 @@ def test_cli_analyze_activations(tmp_path, capsys):
     out = tmp_path / "maps"
     assert main(["analyze", "activations", "--checkpoint", str(tmp_path / "run"), "--num-images", "3",
                  "--output", str(out)]) == 0
-    assert "3 images, 4 blocks" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "3 images, 4 blocks" in printed and "magnitude AP" not in printed   # synthetic data: no foreground
     assert sorted(os.listdir(out)) == ["activations.json", "image000_activations.png", "image001_activations.png",
                                        "image002_activations.png"]
+    # the synthetic squares are bright on darker noise: a threshold gives each map its foreground scores
+    assert main(["analyze", "activations", "--checkpoint", str(tmp_path / "run"), "--num-images", "3",
+                 "--foreground-threshold", "0.9", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "magnitude AP" in printed and "llm_out" in printed and "the AP of a random map" in printed
+    summary = json.load(open(out / "activations.json"))
+    scores = summary["foreground"]["llm_out"]["magnitude"]
+    assert 0 <= scores["foreground_ap"] <= 1 and scores["images_scored"] == 3
