@@ -7,6 +7,7 @@ import os
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 LADDER_CONFIG = os.path.join(CONFIGS, "ladder_illama.yaml")
 AIM_CONFIG = os.path.join(CONFIGS, "ablation_aim.yaml")
+LLM_CONFIG = os.path.join(CONFIGS, "ablation_frozen_llm.yaml")
 
 
 def _common(a: argparse.ArgumentParser, output: str, subset_help: str = "use the first N validation images "
@@ -77,19 +78,27 @@ def add_analyze_parser(sub) -> None:
 
 
 def add_ablate_parser(sub) -> None:
-    """`llamavit ablate illama-ladder|aim`: a ladder file trained rung by rung, or AIM's ablation arms."""
-    p = sub.add_parser("ablate", help="ablations: the iLLaMA ViT -> iLLaMA ladder, AIM's pre-training ablations",
+    """`llamavit ablate illama-ladder|aim|llm-layers`: a ladder file trained rung by rung, AIM's ablation arms, or
+    the frozen-LLM arms (controls, the layer sweep, stacked layers)."""
+    p = sub.add_parser("ablate", help="ablations: the iLLaMA ViT -> iLLaMA ladder, AIM's pre-training ablations, "
+                                      "the frozen-LLM layer sweep",
                        description=(
         "illama-ladder: train every rung of a ladder file with the same budget and seeds, then write ladder.json, "
         "ladder.md, ladder_curves.png and ladder_attention_spectrum.png (attention ranks of every trained rung). "
         "aim: pre-train every arm of an AIM ablation file with the same budget, attentive-probe each, judge the "
         "paper's claims, and write aim_ablation.json, aim_ablation.md and aim_ablation.png. "
+        "llm-layers: train the ViT alone, with a random frozen block, with each swept LLM layer and with stacked "
+        "last layers (side by side with --jobs), score each model's information filtering, judge the paper's "
+        "claims, and write frozen_llm_ablation.json, .md and .png. "
         "Interrupted runs resume and finished arms are kept; delete the output directory to start over."))
-    p.add_argument("ladder", choices=["illama-ladder", "aim"], help="which ablation")
-    p.add_argument("--config", help=f"ablation YAML (default: {LADDER_CONFIG} / {AIM_CONFIG})")
+    p.add_argument("ladder", choices=["illama-ladder", "aim", "llm-layers"], help="which ablation")
+    p.add_argument("--config", help=f"ablation YAML (default: {LADDER_CONFIG} / {AIM_CONFIG} / {LLM_CONFIG})")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 for the ladder, 0 1 for aim)")
     p.add_argument("--rungs", nargs="+", help="illama-ladder: train only these rungs (default: all)")
-    p.add_argument("--arms", nargs="+", help="aim: run only these arms, and those they reuse (default: all)")
+    p.add_argument("--arms", nargs="+", help="aim, llm-layers: run only these arms (aim: and those they reuse; "
+                                             "default: all)")
+    p.add_argument("--jobs", type=int, default=1, help="llm-layers: runs side by side (default: 1)")
+    p.add_argument("--threads", type=int, help="llm-layers: CPU threads per run (default: the cores / --jobs)")
     p.add_argument("--epochs", type=int, help="epochs per rung / arm (default: the file's)")
     p.add_argument("--max-steps", type=int, help="illama-ladder: stop every rung after N steps")
     p.add_argument("--train-subset", type=int, help="first N training images (default: the file's, all)")
@@ -98,8 +107,10 @@ def add_ablate_parser(sub) -> None:
     p.add_argument("--probe-epochs", type=int, help="aim: probe epochs (default: the file's)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="aim: bf16 autocast in pre-training (default: the file's; fast only on CPUs with bf16)")
-    p.add_argument("--smoke", action="store_true", help="aim: tiny subsets and one epoch: checks the pipeline only")
-    p.add_argument("--output", help="output directory (default: runs/ladder_illama / runs/ablation_aim)")
+    p.add_argument("--smoke", action="store_true",
+                   help="aim, llm-layers: tiny subsets and one epoch: checks the pipeline only")
+    p.add_argument("--output", help="output directory (default: runs/ladder_illama / runs/ablation_aim / "
+                                    "runs/ablation_frozen_llm)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
 
 
@@ -174,6 +185,8 @@ def cmd_ablate(args) -> None:
     """Train every rung of the ladder / arm of the AIM ablation (resuming finished ones) and write its report."""
     if args.ladder == "aim":
         return _ablate_aim(args)
+    if args.ladder == "llm-layers":
+        return _ablate_llm(args)
     from .ablation import format_ladder_table, load_ladder, run_ladder, save_ladder_report, summarize_ladder
     ladder = load_ladder(args.config or LADDER_CONFIG)
     budget = {k: getattr(args, k) for k in ("epochs", "max_steps", "train_subset", "val_subset", "batch_size")}
@@ -199,4 +212,24 @@ def _ablate_aim(args) -> None:
     result["smoke"] = args.smoke
     paths = save_aim_report(result, output)
     print(format_claims(result["claims"]))
+    print(f"wrote {', '.join(paths)}")
+
+
+def _ablate_llm(args) -> None:
+    from .ablation.frozen_llm import SMOKE, format_llm_claims, format_llm_table, load_llm_ablation, run_llm_ablation, \
+        save_llm_report
+    ablation = load_llm_ablation(args.config or LLM_CONFIG)
+    budget = {k: getattr(args, k) for k in ("epochs", "train_subset", "val_subset", "batch_size")}
+    seeds, output = args.seeds or [0, 1], args.output or "runs/ablation_frozen_llm"
+    if args.smoke:
+        budget, seeds = {**budget, **SMOKE["train"]}, args.seeds or [0]
+        output = args.output or output + "_smoke"
+        ablation.score_images = SMOKE["score_images"]
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    result = run_llm_ablation(ablation, output, seeds=seeds, only=args.arms, jobs=args.jobs, threads=threads,
+                              **budget)
+    result["smoke"] = args.smoke
+    paths = save_llm_report(result, output)
+    print(format_llm_table(result["summary"]))
+    print(format_llm_claims(result["claims"]))
     print(f"wrote {', '.join(paths)}")

@@ -31,7 +31,7 @@ import yaml
 
 from ..train import PretrainConfig, Pretrainer
 from ..train.probe import ProbeConfig, Prober
-from .report import mean_std, plus_minus
+from .report import gap, mean_std, plus_minus
 
 CLAIM_KINDS = ("order", "geq", "greater", "scaling", "longer", "overfit")
 ARM_KEYS = {"name", "change", "pretrain", "probe", "epochs_factor", "train_fraction", "reuse"}
@@ -237,18 +237,6 @@ def summarize_arms(result: Dict[str, Any]) -> List[Dict[str, Any]]:
     return rows
 
 
-def _gap(rows: Dict[str, Dict[str, Any]], a: str, b: str, key: str) -> Dict[str, Any]:
-    """rows[a][key] - rows[b][key] and whether it exceeds the larger std of the two (never with one seed)."""
-    sa, sb = rows[a][key], rows[b][key]
-    if sa["mean"] is None or sb["mean"] is None:
-        return {"between": [a, b], "on": key, "difference": None, "spread": None, "beyond_spread": False}
-    spread = max(sa["std"], sb["std"])
-    diff = sa["mean"] - sb["mean"]
-    seeds = min(len(rows[a]["seeds"]), len(rows[b]["seeds"]))
-    return {"between": [a, b], "on": key, "difference": diff, "spread": spread,
-            "beyond_spread": seeds > 1 and abs(diff) > spread}
-
-
 def _rise(row: Dict[str, Any]) -> Dict[str, Any]:
     """How far an arm's held-out loss ended above its minimum; it `turns_up` when that is above both the seed
     spread and 0.5 % of the loss (a flat curve's noise)."""
@@ -273,13 +261,13 @@ def judge_claims(claims: Sequence[Claim], summary: List[Dict[str, Any]]) -> List
             continue
         pairs = list(zip(claim.arms, claim.arms[1:]))
         if claim.kind in ("order", "greater", "geq"):
-            gaps = [_gap(rows, a, b, "probe_top1") for a, b in pairs]
+            gaps = [gap(rows, a, b, "probe_top1") for a, b in pairs]
             ok = [g["difference"] is not None and (g["difference"] >= 0 if claim.kind == "geq"
                                                    else g["difference"] > 0) for g in gaps]
         elif claim.kind in ("scaling", "longer"):
             # larger / longer arms come later: the earlier arm's loss minus the later's must be > 0, and its
             # probe top-1 minus the later's < 0
-            gaps = [g for a, b in pairs for g in (_gap(rows, a, b, "val_loss"), _gap(rows, b, a, "probe_top1"))]
+            gaps = [g for a, b in pairs for g in (gap(rows, a, b, "val_loss"), gap(rows, b, a, "probe_top1"))]
             ok = [g["difference"] is not None and g["difference"] > 0 for g in gaps]
         else:   # overfit: the small set's held-out loss turns upward, the full set's does not
             gaps = [_rise(rows[a]) for a in claim.arms[:2]]

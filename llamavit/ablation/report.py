@@ -15,6 +15,19 @@ def mean_std(values: List[float]) -> Dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
+def gap(rows: Dict[str, Dict[str, Any]], a: str, b: str, key: str) -> Dict[str, Any]:
+    """rows[a][key] - rows[b][key] (each a mean_std with the row's `seeds`) and whether it exceeds the larger std
+    of the two (never with one seed): what an ablation's claim rests on."""
+    sa, sb = rows[a][key], rows[b][key]
+    if sa["mean"] is None or sb["mean"] is None:
+        return {"between": [a, b], "on": key, "difference": None, "spread": None, "beyond_spread": False}
+    spread = max(sa["std"], sb["std"])
+    diff = sa["mean"] - sb["mean"]
+    seeds = min(len(rows[a]["seeds"]), len(rows[b]["seeds"]))
+    return {"between": [a, b], "on": key, "difference": diff, "spread": spread,
+            "beyond_spread": seeds > 1 and abs(diff) > spread}
+
+
 def summarize_ladder(result: Dict[str, Any]) -> List[Dict[str, Any]]:
     """One row per rung: params, top-1 / final train loss / attention ranks as mean and std over seeds."""
     rows = []

@@ -63,7 +63,7 @@ class TokenEncoder(FrozenLLMPath, ClassifierContract, nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         self.cls_pos = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         norm_layer = partial(nn.LayerNorm, eps=cfg.norm_eps)
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList([
             vit_block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, True, None, 0.0, 0.0, rate,
                       norm_layer, nn.GELU, Mlp) for rate in rates])

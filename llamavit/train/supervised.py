@@ -40,15 +40,39 @@ def transform_config(cfg: TrainConfig) -> TransformConfig:
                            crop_pct=cfg.crop_pct)
 
 
+TASK_INPUTS = {"points": ("num_points", "in_chans"), "video": ("num_frames", "img_size", "in_chans")}
+
+
+def build_split(cfg: TrainConfig, split: str):
+    """One split of the config's data for its task: images through timm transforms, point clouds sampled to
+    num_points, clips of num_frames frames (training augmentation on the 'train' split)."""
+    train = split == "train"
+    if cfg.task == "points":
+        from ..data.points import build_point_dataset
+        return build_point_dataset(cfg.data, split, cfg.num_points, cfg.in_chans, train=train, seed=cfg.seed)
+    if cfg.task == "video":
+        from ..data.clips import build_clip_dataset
+        return build_clip_dataset(cfg.data, split, cfg.num_frames, cfg.img_size, cfg.in_chans, train=train,
+                                  seed=cfg.seed)
+    return build_dataset(cfg.data, split, build_transform(transform_config(cfg), train), img_size=cfg.img_size,
+                         in_chans=cfg.in_chans, seed=cfg.seed)
+
+
+def task_model_kwargs(cfg: TrainConfig) -> Dict[str, Any]:
+    """The input options a task's model is built with (a point encoder takes no image size)."""
+    if cfg.task == "points":
+        return {"in_chans": cfg.in_chans}
+    if cfg.task == "video":
+        return {"img_size": cfg.img_size, "in_chans": cfg.in_chans, "num_frames": cfg.num_frames}
+    return {"img_size": cfg.img_size, "in_chans": cfg.in_chans}
+
+
 def build_datasets(cfg: TrainConfig):
-    """(train, val) datasets with timm transforms; val is None when the data has no held-out split."""
-    tcfg = transform_config(cfg)
-    extra = {"img_size": cfg.img_size, "in_chans": cfg.in_chans, "seed": cfg.seed}
+    """(train, val, classes) for the config's task; a folder must hold train/ and val/ splits."""
     if os.path.isdir(cfg.data) and not is_shard_dir(cfg.data) and not has_splits(cfg.data):
         raise DatasetError(f"{cfg.data} holds class folders only: training reads {cfg.data}/train/<class>/* and "
                            f"validates on {cfg.data}/val/<class>/*")
-    train = build_dataset(cfg.data, "train", build_transform(tcfg, True), **extra)
-    val = build_dataset(cfg.data, "val", build_transform(tcfg, False), **extra)
+    train, val = build_split(cfg, "train"), build_split(cfg, "val")
     classes = list(train.classes)
     if len(classes) < 2:
         raise DatasetError(f"{cfg.data} has {len(classes)} class ({classes}): a classifier needs at least two")
@@ -73,8 +97,7 @@ class Trainer(StepLoop):
         self.init_loop(cfg)
         train_set, self.val_set, self.classes = build_datasets(cfg)
         self.init_data(train_set)
-        self.model_kwargs = {"num_classes": len(self.classes), "img_size": cfg.img_size, "in_chans": cfg.in_chans,
-                             **cfg.model_kwargs}
+        self.model_kwargs = {"num_classes": len(self.classes), **task_model_kwargs(cfg), **cfg.model_kwargs}
         if cfg.drop_path:
             self.model_kwargs["drop_path_rate"] = cfg.drop_path
         model = create_model(cfg.model, init_from_llm=cfg.init_from_llm, **self.model_kwargs)
@@ -95,6 +118,8 @@ class Trainer(StepLoop):
                            min_lr=cfg.min_lr, ema_decay=cfg.ema_decay, layer_decay=cfg.layer_decay,
                            saved_keys=trainable_state_keys(model) if self.lora else None)
         self.mixup = None
+        if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.task != "image":
+            raise ValueError(f"mixup / cutmix mix images: --task {cfg.task} takes neither")
         if cfg.mixup > 0 or cfg.cutmix > 0:
             self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                                num_classes=len(self.classes))
@@ -120,8 +145,11 @@ class Trainer(StepLoop):
         kwargs = dict(self.model_kwargs)
         if hasattr(self.model, "soft_mask_rate"):
             kwargs["soft_mask_rate"] = self.model.soft_mask_rate
-        return {"model": self.cfg.model, "model_kwargs": kwargs, "classes": self.classes,
-                "transform": asdict(transform_config(self.cfg)), **({"lora": self.lora} if self.lora else {})}
+        cfg = self.cfg
+        inputs = ({"transform": asdict(transform_config(cfg))} if cfg.task == "image" else
+                  {"task": cfg.task, "inputs": {k: getattr(cfg, k) for k in TASK_INPUTS[cfg.task]}})
+        return {"model": self.cfg.model, "model_kwargs": kwargs, "classes": self.classes, **inputs,
+                **({"lora": self.lora} if self.lora else {})}
 
     def run_config(self) -> Dict[str, Any]:
         """config.json also records what the adaptation options left trainable."""
