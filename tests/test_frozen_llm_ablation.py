@@ -78,9 +78,9 @@ def test_claims_are_judged_against_the_seed_spread():
 def test_ablate_llm_layers_end_to_end(tmp_path, capsys):
     data = {"train": {"img_size": 32, "in_chans": 3, "data": "synthetic", "epochs": 1, "batch_size": 16,
                       "train_subset": 32, "val_subset": 16, "crop_pct": 1.0, "progress": False},
-            "vit": {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
-            "vit_model": "timm:vit_tiny_patch16_224", "llm_model": "vit_smollm2_tiny_patch16_224",
-            "arms": [{"name": "vit", "change": "alone", "model": "vit_model"},
+            "model_options": {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+            "base_model": "timm:vit_tiny_patch16_224", "llm_model": "vit_smollm2_tiny_patch16_224",
+            "arms": [{"name": "vit", "change": "alone", "model": "base_model"},
                      {"name": "random", "change": "random block", "model": "llm_model",
                       "model_kwargs": {"llm_path": "random"}}],
             "sweep": {"layers": [29]}, "score_images": 8, "foreground_threshold": 0.9,

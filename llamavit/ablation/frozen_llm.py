@@ -2,8 +2,8 @@
 helps and some help more (§3.6), and the block filters information towards the object (§4)).
 
 An ablation file (YAML, e.g. configs/ablation_frozen_llm.yaml) holds
-    train: {TrainConfig options shared by every arm}     vit: {the ViT's options, shared}
-    llm_model: <registered ViT + frozen LLM name>          vit_model: <the ViT alone, e.g. timm:vit_tiny_patch16_224>
+    train: {TrainConfig options shared by every arm}     model_options: {the encoder's options, shared}
+    base_model: <the encoder alone, e.g. timm:vit_tiny_patch16_224>   llm_model: <it + a frozen LLM block>
     sweep: {layers: [0, 7, ...], stacks: [2, 4]}           # expands to arms layer_<i> and last_<k>
     arms: [{name, change, model, model_kwargs}, ...]       # extra arms (the ViT alone, the random block, ...)
     score_images: N  foreground_threshold: T               # the information-filtering score (None: none)
@@ -67,30 +67,29 @@ def load_llm_ablation(path: str) -> LLMAblation:
     """Read an ablation file: the sweep expands to layer_<i> (one layer) and last_<k> (the last k) arms."""
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
-    keys = {"train", "vit", "llm_model", "vit_model", "sweep", "arms", "score_images", "foreground_threshold",
-            "claims"}
+    keys = {"train", "model_options", "base_model", "llm_model", "sweep", "arms", "score_images",
+            "foreground_threshold", "claims"}
     unknown = set(raw) - keys
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; expected {sorted(keys)}")
-    vit, llm_model = dict(raw.get("vit") or {}), raw.get("llm_model")
+    shared, llm_model = dict(raw.get("model_options") or {}), raw.get("llm_model")
     arms = []
     for i, a in enumerate(raw.get("arms") or []):
         extra = set(a) - {"name", "change", "model", "model_kwargs"}
         if extra or "name" not in a or "model" not in a:
             raise ValueError(f"{path}: arm {i} needs name and model (and may have change, model_kwargs); "
                              f"unknown: {sorted(extra)}")
-        model = raw.get("vit_model") if a["model"] == "vit_model" else llm_model if a["model"] == "llm_model" \
-            else a["model"]
-        arms.append(LLMArm(a["name"], a.get("change", ""), model, {**vit, **(a.get("model_kwargs") or {})}))
+        model = {"base_model": raw.get("base_model"), "llm_model": llm_model}.get(a["model"], a["model"])
+        arms.append(LLMArm(a["name"], a.get("change", ""), model, {**shared, **(a.get("model_kwargs") or {})}))
     sweep = raw.get("sweep") or {}
     if sweep and not llm_model:
-        raise ValueError(f"{path}: a sweep needs llm_model, the registered ViT + frozen LLM name")
+        raise ValueError(f"{path}: a sweep needs llm_model, the registered encoder + frozen LLM name")
     for layer in sweep.get("layers", []):
         arms.append(LLMArm(f"layer_{layer}", f"LLM layer {layer} as the frozen block", llm_model,
-                           {**vit, "llm_layers": [layer]}, [layer]))
+                           {**shared, "llm_layers": [layer]}, [layer]))
     for k in sweep.get("stacks", []):
         arms.append(LLMArm(f"last_{k}", f"the last {k} LLM layers stacked", llm_model,
-                           {**vit, "llm_layers": list(range(-k, 0))}, list(range(-k, 0))))
+                           {**shared, "llm_layers": list(range(-k, 0))}, list(range(-k, 0))))
     names = [a.name for a in arms]
     if not arms:
         raise ValueError(f"{path}: no arms (give arms or a sweep)")

