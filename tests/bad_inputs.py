@@ -23,6 +23,20 @@ def train(*extra, data="synthetic", output="{dir}/out", kw=KWARGS):
             "--output", output, *extra]
 
 
+def points(data):
+    """`llamavit train --task points` of a tiny point encoder on a point-file folder."""
+    return ["train", "--task", "points", "--model", "point_encoder_tiny", "--model-kwargs", "embed_dim=32", "depth=1",
+            "num_heads=2", "num_groups=4", "group_size=4", "--data", data, "--num-points", "16", "--in-chans", "3",
+            "--batch-size", "1", "--epochs", "1", "--no-progress", "--output", "{dir}/pts"]
+
+
+def clips(data):
+    """`llamavit train --task video` of a tiny video encoder on a clip-folder tree."""
+    return ["train", "--task", "video", "--model", "video_encoder_tiny", "--model-kwargs", "embed_dim=32", "depth=1",
+            "num_heads=2", "patch_size=4", "--data", data, "--num-frames", "4", "--img-size", "16", "--in-chans", "1",
+            "--batch-size", "2", "--epochs", "1", "--no-progress", "--output", "{dir}/vid"]
+
+
 def segment(data, *extra):
     """`llamavit segment train` of a tiny linear-head segmenter on `data`."""
     return ["segment", "train", "--data", data, "--output", "{dir}/seg", "--img-size", "32", "--batch-size", "1",
@@ -154,6 +168,14 @@ CASES = [
      "attention must be one of ('bidirectional', 'causal'), got 'full'"),
     ("an ablation file with an unknown claim kind", ["ablate", "aim", "--config", "{dir}/bad_ablation.yaml"],
      "claim 'c' has kind 'bigger'; expected one of"),
+    ("an unknown task", train("--task", "audio"), "task must be one of ('image', 'points', 'video'), got 'audio'"),
+    ("a point file with too few columns", points("{dir}/clouds"), "row 1 has 2 columns"),
+    ("a clip with a missing frame", clips("{dir}/clips"), "frame 2 is missing"),
+    ("a frozen-LLM ablation naming an unknown arm", ["ablate", "llm-layers", "--config", "{dir}/bad_llm.yaml"],
+     "claim 'c' names unknown arm(s) ['layer_3']"),
+    ("a frozen LLM layer beyond the LLM's depth", train("--model", "vit_smollm2_tiny_patch16_224", "--model-kwargs",
+                                                         "patch_size=7", "embed_dim=32", "depth=1", "num_heads=2",
+                                                         "llm_layers=[40]"), "40"),
 ]
 
 
@@ -168,6 +190,8 @@ class Context:
         from safetensors.torch import save_file
 
         from llamavit.cli import main
+        from PIL import Image
+
         from llamavit.data import SyntheticImages
         r = self.root
         r.mkdir(parents=True, exist_ok=True)
@@ -177,6 +201,20 @@ class Context:
         (r / "unknown.yaml").write_text("lrr: 0.1\n")
         (r / "bad_ablation.yaml").write_text("arms: [{name: a}, {name: b}]\n"
                                              "claims: [{name: c, kind: bigger, arms: [a, b]}]\n")
+        (r / "bad_llm.yaml").write_text("llm_model: vit_smollm2_tiny_patch16_224\nsweep: {layers: [0]}\n"
+                                        "claims: [{name: c, kind: greater, arms: [layer_3, layer_0]}]\n")
+        for split in ("train", "val"):   # point files: one class's file has rows of 2 columns
+            for label in ("a", "b"):
+                (r / "clouds" / split / label).mkdir(parents=True)
+                (r / "clouds" / split / label / "0.txt").write_text("0 0 0\n1 0 0\n0 1 0\n0 0 1\n" * 8)
+        (r / "clouds" / "train" / "b" / "0.txt").write_text("0 0\n1 0\n")
+        for split in ("train", "val"):   # clips of 4 frames; one lacks frame 2
+            for label in ("a", "b"):
+                clip = r / "clips" / split / label / "c0"
+                clip.mkdir(parents=True)
+                for t in range(4):
+                    Image.new("L", (16, 16), 40 * t).save(clip / f"frame_{t:03d}.png")
+        (r / "clips" / "train" / "a" / "c0" / "frame_002.png").unlink()
         (r / "afile").write_text("")
         (r / "truncated").mkdir()
         (r / "truncated" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\"")
