@@ -43,27 +43,42 @@ def knn_group(xyz: torch.Tensor, centers: torch.Tensor, group_size: int) -> torc
     return distances.topk(group_size, dim=-1, largest=False, sorted=True).indices
 
 
+class PointwiseMLP(nn.Module):
+    """The same MLP on every point: Linear -> BatchNorm (over all points) -> ReLU -> Linear. (M, K, C) -> (M, K, out).
+    PointNet's 1x1 convolutions as matmuls: the same function, several times faster on a CPU than Conv1d over
+    short groups."""
+
+    def __init__(self, in_features: int, hidden: int, out_features: int):
+        super().__init__()
+        self.fc1, self.norm = nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden)
+        self.act, self.fc2 = nn.ReLU(inplace=True), nn.Linear(hidden, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        h = self.norm(h.reshape(-1, h.shape[-1])).reshape(h.shape)
+        return self.fc2(self.act(h))
+
+
 class PointTokenizer(nn.Module):
     """Points (B, N, in_chans) -> tokens (B, G, D), positions (B, G, D).
 
     Groups: FPS centres and their k nearest points; a point's xyz is taken relative to its centre, its features
-    (columns past xyz) as they are. Each group goes through a mini-PointNet: a shared MLP (1x1 convs
-    in_chans -> 128 -> 256), max over the group, that maximum concatenated back to every point, 512 -> 512 -> D,
-    max again. Positions: MLP(3 -> 128 -> D, GELU) of the centres. Permuting the points keeps the tokens as long
-    as point 0 stays first (it is FPS's start).
+    (columns past xyz) as they are. Each group goes through a mini-PointNet of width w (PointBERT's: 128): a shared
+    MLP (1x1 convs in_chans -> w -> 2w), max over the group, that maximum concatenated back to every point,
+    4w -> 4w -> D, max again. Positions: MLP(3 -> 128 -> D, GELU) of the centres. Permuting the points keeps
+    the tokens as long as point 0 stays first (it is FPS's start).
     """
 
-    def __init__(self, in_chans: int = 3, num_groups: int = 64, group_size: int = 32, embed_dim: int = 384):
+    def __init__(self, in_chans: int = 3, num_groups: int = 64, group_size: int = 32, embed_dim: int = 384,
+                 width: int = 128):
         super().__init__()
         if in_chans < 3:
             raise ValueError(f"in_chans must be >= 3 (x y z [features...]), got {in_chans}")
         if num_groups < 1 or group_size < 1:
             raise ValueError(f"num_groups and group_size must be >= 1, got {num_groups} and {group_size}")
         self.in_chans, self.num_groups, self.group_size = in_chans, num_groups, group_size
-        self.first_conv = nn.Sequential(nn.Conv1d(in_chans, 128, 1), nn.BatchNorm1d(128), nn.ReLU(inplace=True),
-                                        nn.Conv1d(128, 256, 1))
-        self.second_conv = nn.Sequential(nn.Conv1d(512, 512, 1), nn.BatchNorm1d(512), nn.ReLU(inplace=True),
-                                         nn.Conv1d(512, embed_dim, 1))
+        self.first_mlp = PointwiseMLP(in_chans, width, 2 * width)
+        self.second_mlp = PointwiseMLP(4 * width, 4 * width, embed_dim)
         self.pos_embed = nn.Sequential(nn.Linear(3, 128), nn.GELU(), nn.Linear(128, embed_dim))
 
     def check_input(self, points: torch.Tensor) -> None:
@@ -90,9 +105,9 @@ class PointTokenizer(nn.Module):
         self.check_input(points)
         groups, centers = self.group(points)
         batch, g, k, c = groups.shape
-        x = self.first_conv(groups.reshape(batch * g, k, c).transpose(1, 2))          # (B*G, 256, K)
-        x = torch.cat([x.amax(dim=2, keepdim=True).expand(-1, -1, k), x], dim=1)   # (B*G, 512, K)
-        tokens = self.second_conv(x).amax(dim=2).reshape(batch, g, -1)
+        x = self.first_mlp(groups.reshape(batch * g, k, c))                          # (B*G, K, 2w)
+        x = torch.cat([x.amax(dim=1, keepdim=True).expand(-1, k, -1), x], dim=-1)   # (B*G, K, 4w)
+        tokens = self.second_mlp(x).amax(dim=1).reshape(batch, g, -1)
         return tokens, self.pos_embed(centers)
 
 
@@ -102,6 +117,7 @@ class PointEncoderConfig(TokenEncoderConfig):
     in_chans: int = 3           # x y z + (in_chans - 3) features (normals, intensity, ...)
     num_groups: int = 64
     group_size: int = 32
+    pointnet_width: int = 128   # the mini-PointNet's first width (PointBERT's); the tiny models take 32
     global_pool: str = "token_max"
 
 
@@ -111,4 +127,5 @@ class PointEncoder(TokenEncoder):
 
     def __init__(self, cfg: Optional[PointEncoderConfig] = None, **kwargs):
         cfg = cfg or PointEncoderConfig(**kwargs)
-        super().__init__(PointTokenizer(cfg.in_chans, cfg.num_groups, cfg.group_size, cfg.embed_dim), cfg)
+        super().__init__(PointTokenizer(cfg.in_chans, cfg.num_groups, cfg.group_size, cfg.embed_dim,
+                                        cfg.pointnet_width), cfg)

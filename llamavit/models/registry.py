@@ -190,11 +190,11 @@ _register("video_smollm2_tiny", "video_encoder", 28,
 # for a CPU. timm asserts a 3-entry input_size (C, H, W): a cloud's is (in_chans, num_points, 1); num_classes:
 # ModelNet40's
 register_family("point_encoder", point_encoder.PointEncoder, point_encoder.PointEncoderConfig)
-_POINT_CFG = {"input_size": (3, 1024, 1), "num_classes": 40, "first_conv": "tokenizer.first_conv.0",
+_POINT_CFG = {"input_size": (3, 1024, 1), "num_classes": 40, "first_conv": "tokenizer.first_mlp.fc1",
               "classifier": "head"}
-_POINT_TINY = dict(embed_dim=96, depth=4, num_heads=3, num_groups=32, group_size=16)
+_POINT_TINY = dict(embed_dim=96, depth=4, num_heads=3, num_groups=32, group_size=16, pointnet_width=32)
 _register("point_encoder_tiny", "point_encoder", None,
-          "Point-cloud encoder (PointBERT-style: 32 FPS groups of 16 nearest points, mini-PointNet tokens, "
+          "Point-cloud encoder (PointBERT-style: 32 FPS groups of 16 nearest points, mini-PointNet (width 32) tokens, "
           "'token_max' pooling), D=96, depth 4, heads 3; input (B, N, in_chans); no frozen LLM block (the baseline "
           "arm; llm_path='random' | 'smollm2' | <LLM file> adds one).", pretrained_cfg=_POINT_CFG, **_POINT_TINY)
 _register("point_smollm2_tiny", "point_encoder", None,
