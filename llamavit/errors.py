@@ -30,6 +30,28 @@ class NonFiniteLossError(RuntimeError):
     """The loss or the weights became NaN or infinite; training stopped and kept the last good checkpoint."""
 
 
+class ExportError(ValueError):
+    """An export that failed, or whose file does not compute what the checkpoint computes (the file is removed)."""
+
+
+class MissingDependency(ValueError):
+    """An optional package a feature needs is not installed; the message names the extra that installs it."""
+
+
+def require_extra(extra: str, what: str, *modules: str) -> None:
+    """Raise MissingDependency (`<what> needs <modules>: pip install 'llamavit[<extra>]'`) unless every module
+    imports."""
+    import importlib
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise MissingDependency(f"{what} needs {', '.join(missing)}, not installed: pip install 'llamavit[{extra}]'")
+
+
 # what `llamavit` reports in one line (ValueError and TypeError cover bad options and LLM files)
 USER_ERRORS = (CheckpointError, DatasetError, ImageReadError, NonFiniteLossError, RunDirectoryBusy, ValueError,
                TypeError, FileNotFoundError)

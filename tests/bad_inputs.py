@@ -124,6 +124,13 @@ CASES = [
      "is a pre-training or probe run, not a classifier"),
     ("resume with other options", train("--lr", "0.5", "--resume", output="{run}"),
      "--resume with other options than the run in"),
+    # export
+    ("export of a generation run", ["export", "{dit}", "--format", "onnx", "--output", "{dir}/dit.onnx"],
+     "is a generation run, not a classifier: use `llamavit generate sample`"),
+    ("export to a path that exists", ["export", "{run}", "--format", "timm", "--output", "{dir}/afile"],
+     "exists already: export writes a new folder; remove it or give another path"),
+    ("an unknown export format", ["export", "{run}", "--format", "tflite"],
+     "argument --format: invalid choice: 'tflite'"),
     # images and predict
     ("no such image", ["predict", "{dir}/none.png", "--checkpoint", "{run}"], "image not found"),
     ("a file that is not an image", ["predict", "{dir}/three.yaml", "--checkpoint", "{run}"], "cannot read image"),

@@ -4,11 +4,13 @@ from typing import Optional, Tuple
 from torch.utils.data import DataLoader, Subset
 
 from ..data import ClassesAs, TransformConfig, build_dataset, build_transform
+from ..models.timm_folder import is_timm_folder
 from ..train.checkpoint import load_training_state, read_meta, resolve_checkpoint
 
 
 def checkpoint_transform(checkpoint: str) -> TransformConfig:
-    """The evaluation transform a llamavit training checkpoint recorded (input size, channels, normalisation)."""
+    """The evaluation transform a llamavit training checkpoint (or a timm folder's config.json) recorded (input size,
+    channels, normalisation)."""
     meta = read_meta(checkpoint)
     if meta.get("objective") in ("ddpm", "flow"):
         raise ValueError(f"{checkpoint} is a generation run, not a classifier: use `llamavit generate sample`")
@@ -24,7 +26,13 @@ def checkpoint_transform(checkpoint: str) -> TransformConfig:
 
 
 def training_data(checkpoint: str) -> str:
-    """The dataset a llamavit checkpoint was trained on (its run config's `data`)."""
+    """The dataset a llamavit checkpoint was trained on (its run config's `data`; a timm folder's config.json)."""
+    meta = read_meta(checkpoint)
+    if "data" in meta:
+        return meta["data"]
+    if is_timm_folder(resolve_checkpoint(checkpoint)):
+        raise ValueError(f"{checkpoint} is a timm folder that does not record the dataset it was trained on: pass "
+                         f"--data")
     return load_training_state(resolve_checkpoint(checkpoint))["config"]["data"]
 
 

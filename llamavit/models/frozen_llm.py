@@ -10,7 +10,7 @@ fills it). `FrozenLLMPath` is the mixin that gives a model the three parts and `
 """
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -214,3 +214,23 @@ class FrozenLLMPath:
                           f"that stores llama.layers.*; use llm_path='random' for a deliberate random control",
                           stacklevel=3)
         return self.llama_dim_mapper2(self.llama(self.llama_dim_mapper1(x), attn_mask))
+
+
+def make_standalone(model: nn.Module, model_args: Dict[str, Any]) -> Dict[str, Any]:
+    """In place, for files that must stand alone (a timm folder): a frozen block read from an LLM file becomes an
+    ordinary stored weight of `model` (its state dict then holds the layers; our checkpoints reference the file by
+    sha256 instead, which is cleared) -> the construction kwargs that rebuild the block without the file (llm_path
+    None, its shape and layer indices). Other models are left as they are and get `model_args` back."""
+    block = next((m for m in model.modules() if isinstance(m, FrozenLLM)), None)
+    if block is None or block.source != "file":
+        return dict(model_args)
+    shape = block.config
+    if shape.head_dim != shape.dim // shape.n_heads:
+        raise ValueError(f"the frozen LLM block has head_dim {shape.head_dim} != dim / heads "
+                         f"({shape.dim} / {shape.n_heads}): no construction option gives that shape")
+    with torch.no_grad():
+        block.llm_sha256.zero_()
+    block.source, block.path = "checkpoint", None
+    return {**model_args, "llm_path": None, "llm_layers": block.llm_layers.tolist(), "llm_dim": shape.dim,
+            "llm_num_heads": shape.n_heads, "llm_num_kv_heads": shape.n_kv_heads, "llm_ffn_hidden": shape.ffn_hidden,
+            "llm_norm_eps": shape.norm_eps, "llm_num_layers": shape.n_layers}

@@ -25,8 +25,10 @@ _FEATURE_CFGS: Dict[str, dict] = {}  # family -> timm feature_cfg for features_o
 MODEL_FAMILY: Dict[str, str] = {}
 _ARCH_DEFAULTS: Dict[str, dict] = {}
 TIMM_PREFIX = "timm:"  # create_model("timm:<name>") builds a timm model (for baselines)
+# timm's build arguments, passed to build_model_with_cfg (pretrained_model_args: the config.json `model_args` of a
+# `local-dir:` / `hf-hub:` folder, recorded by timm, never a model option)
 _TIMM_BUILD_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "feature_cfg", "features_only",
-                    "feature_cls")
+                    "feature_cls", "pretrained_model_args")
 
 
 def _cfg(img_size: int, **kwargs) -> dict:

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from ..errors import CheckpointError, DamagedCheckpointError
 from ..models import create_model
 from ..models.convert import LATEST, WEIGHTS_NAME, load_checkpoint, resolve_checkpoint
+from ..models.timm_folder import is_timm_folder, read_timm_folder
 
 STATE_NAME = "state.pt"
 EMA_NAME = "ema.safetensors"
@@ -122,8 +123,11 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
 
 
 def read_meta(path: str) -> Dict[str, Any]:
-    """Metadata of a llamavit checkpoint (directory or model.safetensors); {} for other files."""
+    """Metadata of a llamavit checkpoint (directory or model.safetensors) or of a timm folder (from its config.json,
+    docs/export.md); {} for other files."""
     path = resolve_checkpoint(path)
+    if is_timm_folder(path):
+        return read_timm_folder(path)
     weights = os.path.join(path, WEIGHTS_NAME) if os.path.isdir(path) else path
     if not weights.endswith(".safetensors") or not os.path.isfile(weights):
         return {}
@@ -150,7 +154,7 @@ def load_training_state(ckpt_dir: str) -> Dict[str, Any]:
 
 
 def model_from_checkpoint(path: str, use_ema: bool = False, **overrides) -> nn.Module:
-    """Rebuild a model from a llamavit checkpoint (run dir, checkpoint dir or model.safetensors)."""
+    """Rebuild a model from a llamavit checkpoint (run dir, checkpoint dir or model.safetensors) or a timm folder."""
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
     if meta.get("task") in ("segment", "detect"):

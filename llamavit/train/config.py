@@ -94,6 +94,7 @@ class LoopConfig(Options):
     ckpt_every: int = 0                    # >0: also checkpoint every N steps (always at each epoch end)
     keep_checkpoints: int = 2
     progress: bool = True
+    tensorboard: bool = False              # also write <output>/tensorboard: the log's numbers, the run's PNGs
     _ranges = {}   # a trainer's own ranges (ClassVar: not a field)
 
     def __post_init__(self):

@@ -110,12 +110,14 @@ def _transform(cfg: ProbeConfig, kwargs: Dict[str, Any], train: bool):
 
 
 @torch.no_grad()
-def trunk_features(model: nn.Module, images: torch.Tensor, attention: Optional[str] = None) -> torch.Tensor:
+def trunk_features(model: nn.Module, images: torch.Tensor, attention: Optional[str] = None,
+                   num_tokens: Optional[int] = None) -> torch.Tensor:
     """forward_features (B, T, D) with the trunk's own attention (None), or with an explicit all-tokens mask:
-    'bidirectional' (every token sees every token) or 'causal' (token i sees tokens j <= i)."""
+    'bidirectional' (every token sees every token) or 'causal' (token i sees tokens j <= i). num_tokens: T when
+    known (else one image's forward tells it)."""
     if attention is None:
         return model.forward_features(images)
-    total = model.forward_features(images[:1]).shape[1]
+    total = num_tokens or model.forward_features(images[:1]).shape[1]
     mask = torch.ones(total, total, dtype=torch.bool, device=images.device)
     return model.forward_features(images, attn_mask=mask if attention == "bidirectional" else mask.tril())
 
@@ -126,9 +128,12 @@ def extract_features(model: nn.Module, dataset, batch_size: int = 256, progress:
     """Frozen features of a whole dataset (trunk_features with `attention`): (float16 (M, T, D) tokens on the
     CPU, int64 (M,) labels)."""
     model.eval()
-    feats, labels = [], []
+    feats, labels, num_tokens = [], [], None
     for images, targets in tqdm(DataLoader(dataset, batch_size=batch_size), disable=not progress, desc="features"):
-        feats.append(trunk_features(model, images.to(device), attention).half().cpu())
+        images = images.to(device)
+        if attention is not None and num_tokens is None:   # every image has the same size: one forward tells T
+            num_tokens = model.forward_features(images[:1]).shape[1]
+        feats.append(trunk_features(model, images, attention, num_tokens).half().cpu())
         labels.append(targets)
     return torch.cat(feats), torch.cat(labels)
 

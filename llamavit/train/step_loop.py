@@ -3,8 +3,8 @@ training, probing and fine-tuning.
 
 The loop owns everything but the loss: data order, autocast, gradient accumulation (with DDP's
 `no_sync`), clipping, the non-finite stop, EMA (timm's ModelEmaV3), `torch.compile`, DDP/FSDP2
-wrapping, checkpoints, exact resume, the JSONL log, the progress bar and summary.json. A trainer's
-__init__ builds its config (a LoopConfig), datasets and modules and calls, in order,
+wrapping, checkpoints, exact resume, the JSONL log (and TensorBoard, --tensorboard), the progress bar and
+summary.json. A trainer's __init__ builds its config (a LoopConfig), datasets and modules and calls, in order,
 
     self.init_loop(cfg)                         # process group, seeds
     self.init_data(train_set)                   # sampler, steps per epoch (or streaming shards)
@@ -54,15 +54,17 @@ from .checkpoint import (EMA_NAME, LATEST, WEIGHTS_NAME, atomic_write_text, comp
 from .config import LoopConfig
 from .distributed import (DistEnv, all_reduce_sum, barrier, cpu_has_native_bf16, full_state_dicts, init_distributed,
                           load_full_state_dicts, wrap_model)
+from .tensorboard import DIR_NAME as TENSORBOARD_DIR
+from .tensorboard import TensorBoardLog, require_tensorboard
 
 # options a resumed run may change: they do not change the numbers the run computes
 # (the global batch stays: processes, FSDP and accumulation only split it)
 RESUME_FREE_OPTIONS = {"resume", "allow_config_change", "max_steps", "progress", "log_every", "ckpt_every",
                        "keep_checkpoints", "num_workers", "device", "compile", "grad_checkpointing", "fsdp",
-                       "grad_accum_steps", "eval_every", "max_minutes", "recon_every", "output"}
+                       "grad_accum_steps", "eval_every", "max_minutes", "recon_every", "output", "tensorboard"}
 
 # what a run writes at the top of its output directory (a trainer may add plots beside them)
-RUN_FILES = ("checkpoints", "log.jsonl", "config.json", "summary.json", "curves.png")
+RUN_FILES = ("checkpoints", "log.jsonl", "config.json", "summary.json", "curves.png", TENSORBOARD_DIR)
 
 
 def set_aside_earlier_run(output: str) -> Optional[str]:
@@ -218,6 +220,9 @@ class StepLoop:
         self.history: List[Dict[str, Any]] = []
         self.log_path = os.path.join(cfg.output, "log.jsonl")
         self.bar = None
+        self.tensorboard: Optional[TensorBoardLog] = None   # rank 0 with --tensorboard, while fit() runs
+        if cfg.tensorboard and self.env.is_main:
+            require_tensorboard()   # before any work: the missing package is one line
         # the log's running window: sums of each term and their count since the last record (checkpointed,
         # so a resumed run logs the means an uninterrupted one logs)
         self.window: Dict[str, float] = {}
@@ -513,11 +518,13 @@ class StepLoop:
         return changes
 
     def log(self, record: Dict[str, Any]) -> None:
-        """Append a record to the history and (rank 0) to log.jsonl."""
+        """Append a record to the history and (rank 0) to log.jsonl, and its numbers to TensorBoard (--tensorboard)."""
         self.history.append(record)
         if self.is_main:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.tensorboard is not None:
+                self.tensorboard.scalars(record)
 
     # --- the loop -------------------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
@@ -525,7 +532,12 @@ class StepLoop:
         Rank 0 holds the run directory's lock throughout: a second run into it is refused."""
         make_output_dir(self.cfg.output)
         with RunDirectoryLock(self.cfg.output) if self.is_main else contextlib.nullcontext():
-            return self._fit()
+            try:
+                return self._fit()
+            finally:
+                if self.tensorboard is not None:
+                    self.tensorboard.close()
+                    self.tensorboard = None
 
     def _fit(self) -> Dict[str, Any]:
         cfg, main = self.cfg, self.is_main
@@ -538,6 +550,8 @@ class StepLoop:
                 print(f"{cfg.output} held an earlier run (not resumed): its files were moved to {moved}")
             with open(os.path.join(cfg.output, "config.json"), "w") as f:
                 json.dump(self.run_config(), f, indent=2)
+            if cfg.tensorboard:   # a resumed run drops the events an interrupted one wrote after its checkpoint
+                self.tensorboard = TensorBoardLog(cfg.output, purge_step=self.step + 1 if resumed else None)
         stop_at = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
         self.bar = tqdm(total=stop_at, initial=self.step, disable=not (cfg.progress and main),
                         desc=self.progress_desc, unit="step", dynamic_ncols=True)
@@ -574,6 +588,8 @@ class StepLoop:
                     break
         self.bar.close()
         self.after_fit()
+        if self.tensorboard is not None:   # the plots after_fit wrote (curves.png, reconstructions, samples)
+            self.tensorboard.images(cfg.output, self.step)
         summary = {"steps": self.step, "epochs": self.step / self.steps_per_epoch, "resumed": resumed,
                    "train_seconds": time.perf_counter() - start,
                    "final_train_loss": next((r["loss"] for r in reversed(self.history) if "loss" in r), None),
