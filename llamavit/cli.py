@@ -41,7 +41,15 @@ def error_line(command: str, message: str) -> str:
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, with its usage errors as one line (and where to read the usage) instead of the usage block."""
+    """argparse, with its usage errors as one line (and where to read the usage) instead of the usage block. Every
+    command's parser takes `--threads N` (the CPU threads it computes with); a command may redefine it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, conflict_handler="resolve", **kwargs)
+        if " " in self.prog:   # a command, not the top-level parser
+            # SUPPRESS: a nested command's parser does not overwrite the value given to its parent
+            self.add_argument("--threads", type=int, default=argparse.SUPPRESS,
+                              help="CPU threads to compute with (default: torch's, all cores)")
 
     def error(self, message: str):
         text = f"{message} (see `{self.prog} --help`)"
@@ -243,10 +251,21 @@ COMMANDS = {"models": cmd_models, "info": cmd_info, "train": cmd_train, "pretrai
             "demo": cmd_demo, "scenes": cmd_scenes, "segment": cmd_segment, "detect": cmd_detect}
 
 
+def set_threads(threads: Optional[int]) -> None:
+    """torch's intra-op threads for this process (None: leave torch's default)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    import torch
+    torch.set_num_threads(threads)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run one command; user errors print one line and return 2 (no traceback)."""
     args = build_parser().parse_args(argv)
     try:
+        set_threads(getattr(args, "threads", None))
         COMMANDS[args.command](args)
     except USER_ERRORS as e:
         if args.debug:

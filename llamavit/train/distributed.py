@@ -6,7 +6,9 @@ on GPUs and gloo on CPUs. Every rank sees the same global batch order; rank r tr
 each global batch, so N processes with per-rank batch B/N follow the same loss curve as one process
 with batch B.
 """
+import functools
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -56,6 +58,27 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return True
     return flags is None or "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_speedup(device_type: str = "cpu", size: int = 512, repeats: int = 5) -> float:
+    """fp32 time / bf16 time of a size^3 matmul on this device (best of `repeats`), measured once per process:
+    > 1 when bf16 autocast can pay off. Where bf16 has no fast kernels (CPUs without AVX512-BF16 / AMX) it is
+    several times below 1."""
+    if device_type != "cpu":
+        return float("inf")   # accelerators: bf16 is their fast path
+    a = torch.randn(size, size)
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = a.to(dtype)
+        torch.mm(x, x)   # warm-up: the first call pays for kernel selection
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(x, x)
+            times.append(time.perf_counter() - start)
+        best[dtype] = min(times)
+    return best[torch.float32] / max(best[torch.bfloat16], 1e-12)
 
 
 def init_distributed(device: str = "auto") -> DistEnv:

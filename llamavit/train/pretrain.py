@@ -270,7 +270,7 @@ class Pretrainer(StepLoop):
                 images = self._val_images[start:start + cfg.batch_size].to(self.env.device)
                 args = (images,) if cfg.objective == "mae" else (
                     images, self._draw(images.shape[0], images, g).to(self.env.device))
-                with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+                with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.amp):
                     loss = self.train_module(*args)[0]
                 total, count = total + loss.float().item() * images.shape[0], count + images.shape[0]
         self.objective.train(was_training)

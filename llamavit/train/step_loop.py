@@ -52,8 +52,8 @@ from ..models import load_checkpoint, load_partial, read_state_dict
 from .checkpoint import (EMA_NAME, LATEST, WEIGHTS_NAME, atomic_write_text, complete_checkpoints, latest_checkpoint,
                          load_training_state, remove_stale_temporaries, save_checkpoint)
 from .config import LoopConfig
-from .distributed import (DistEnv, all_reduce_sum, barrier, cpu_has_native_bf16, full_state_dicts, init_distributed,
-                          load_full_state_dicts, wrap_model)
+from .distributed import (DistEnv, all_reduce_sum, barrier, bf16_speedup, cpu_has_native_bf16, full_state_dicts,
+                          init_distributed, load_full_state_dicts, wrap_model)
 from .tensorboard import DIR_NAME as TENSORBOARD_DIR
 from .tensorboard import TensorBoardLog, require_tensorboard
 
@@ -204,6 +204,21 @@ class StepLoop:
     collate_fn = None                    # the DataLoader's (None: torch's default); detection pads its targets
     step_salt = 104729                   # each trainer draws its step's randomness from (seed, step, salt + rank)
 
+    def amp_pays_off(self) -> bool:
+        """--amp runs bf16 autocast only where bf16 is faster: on a CPU a matmul in both dtypes decides (once per
+        process, `bf16_speedup`); otherwise fp32, with one line saying why. The numbers of the run then depend on
+        the machine's answer, which config.json's `amp_in_effect` records."""
+        if self.env.device.type != "cpu":
+            return True
+        speedup = bf16_speedup("cpu")
+        if speedup >= 1.0:
+            return True
+        if self.env.is_main:
+            flags = "has" if cpu_has_native_bf16() else "lacks"
+            print(f"note: --amp ignored: a bf16 matmul runs {1 / speedup:.1f}x slower than float32 on this CPU (it "
+                  f"{flags} AVX512-BF16 / AMX); training in float32", file=sys.stderr)
+        return False
+
     # --- set-up, called by the trainer's __init__ in this order --------------------------------
     def init_loop(self, cfg: LoopConfig) -> None:
         """Join the process group (under torchrun), seed, check the batch splits."""
@@ -213,9 +228,7 @@ class StepLoop:
             raise ValueError(f"batch_size {cfg.batch_size} (global) must be divisible by processes x "
                              f"grad_accum_steps = {self.env.world_size} x {cfg.grad_accum_steps}")
         seed_everything(cfg.seed)
-        if cfg.amp and self.env.device.type == "cpu" and not cpu_has_native_bf16() and self.env.is_main:
-            print("warning: --amp (bf16 autocast) on a CPU without bf16 instructions (AVX512-BF16 / AMX): it runs "
-                  "several times slower than float32 here; drop --amp (amp: false) on this machine", file=sys.stderr)
+        self.amp = cfg.amp and self.amp_pays_off()
         self.step = 0
         self.history: List[Dict[str, Any]] = []
         self.log_path = os.path.join(cfg.output, "log.jsonl")
@@ -330,7 +343,7 @@ class StepLoop:
 
     def run_config(self) -> Dict[str, Any]:
         """What config.json records."""
-        return {**self.cfg.to_dict(), "world_size": self.env.world_size}
+        return {**self.cfg.to_dict(), "world_size": self.env.world_size, "amp_in_effect": self.amp}
 
     # --- shared ---------------------------------------------------------------------------------
     @property
@@ -375,7 +388,7 @@ class StepLoop:
             sync = contextlib.nullcontext() if i == accum - 1 or not hasattr(self.train_module, "no_sync") \
                 else self.train_module.no_sync()
             with sync:
-                with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+                with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.amp):
                     terms = self.loss(*micro)
                 (terms["loss"] / accum).backward()
             values = torch.stack([v.detach().float() for v in terms.values()]) / accum
