@@ -23,8 +23,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 
 from ..errors import DatasetError
-from .datasets import (FASHION_MNIST_DIR, FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNIST, has_splits,
-                       load_rgb_or_fail)
+from .datasets import (FASHION_MNIST_DIR, FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNIST,
+                       load_rgb_or_fail, split_folder)
 from .seeding import mix_seed
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
@@ -218,14 +218,7 @@ class ClipFolder(Dataset):
     def __init__(self, root: str, split: str = "train", num_frames: int = 8, img_size: int = 28, in_chans: int = 3,
                  train: bool = False):
         _check_chans(in_chans)
-        base = root
-        if has_splits(root):
-            base = os.path.join(root, split)
-            if not os.path.isdir(base):
-                other = "val" if split == "train" else "train"
-                raise DatasetError(f"{root} has {other}/ but no {split}/: a clip folder tree for training holds "
-                                   f"{root}/train/<class>/<clip>/* and {root}/val/<class>/<clip>/* with the same "
-                                   f"classes")
+        base = split_folder(root, split, "a clip folder tree", "<class>/<clip>/*")
         # other files beside the class folders (a labels.csv) are left alone, as image folders do
         self.classes: List[str] = sorted(n for n in os.listdir(base)
                                          if not n.startswith(".") and os.path.isdir(os.path.join(base, n)))

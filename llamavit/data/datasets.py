@@ -112,16 +112,23 @@ def has_splits(path: str) -> bool:
     return any(os.path.isdir(os.path.join(path, s)) for s in ("train", "val"))
 
 
+def split_folder(path: str, split: str, kind: str, layout: str) -> str:
+    """`<path>/<split>` of a split tree, or `path` itself when it has no split folders (a set to evaluate on). A
+    split tree must hold the split asked for: no silent fallback (kind and layout name the tree in the error)."""
+    if not has_splits(path):
+        return path
+    folder = os.path.join(path, split)
+    if not os.path.isdir(folder):
+        other = "val" if split == "train" else "train"
+        raise DatasetError(f"{path} has {other}/ but no {split}/: {kind} for training holds {path}/train/{layout} "
+                           f"and {path}/val/{layout} with the same classes")
+    return folder
+
+
 def image_folder(path: str, split: str, transform: Optional[Callable] = None) -> Dataset:
     """torchvision's ImageFolder of `<path>/<split>/<class>/*`, or of `<path>/<class>/*` when the tree has no
     split folders (a set to evaluate on). A split tree must hold the split asked for: no silent fallback."""
-    root = path
-    if has_splits(path):
-        root = os.path.join(path, split)
-        if not os.path.isdir(root):
-            other = "val" if split == "train" else "train"
-            raise DatasetError(f"{path} has {other}/ but no {split}/: an ImageFolder tree for training holds "
-                               f"{path}/train/<class>/* and {path}/val/<class>/* with the same classes")
+    root = split_folder(path, split, "an ImageFolder tree", "<class>/*")
     try:
         return tvd.ImageFolder(root, transform=transform, loader=load_rgb_or_fail)
     except (FileNotFoundError, RuntimeError) as e:

@@ -19,7 +19,7 @@ from plyfile import PlyData, PlyListProperty, PlyParseError
 from torch.utils.data import Dataset
 
 from ..errors import DatasetError
-from .datasets import FASHION_MNIST_DIR, FashionMNIST, has_splits
+from .datasets import FASHION_MNIST_DIR, FashionMNIST, split_folder
 
 POINT_EXTENSIONS = (".npy", ".txt", ".csv", ".xyz", ".ply")
 TEXT_EXTENSIONS = (".txt", ".csv", ".xyz")
@@ -192,13 +192,7 @@ class PointFolder(Dataset):
     def __init__(self, root: str, split: str = "train", num_points: int = 1024, in_chans: int = 3,
                  train: bool = False):
         _check_sizes(num_points, in_chans)
-        folder = root
-        if has_splits(root):
-            folder = os.path.join(root, split)
-            if not os.path.isdir(folder):
-                other = "val" if split == "train" else "train"
-                raise DatasetError(f"{root} has {other}/ but no {split}/: a point folder for training holds "
-                                   f"{root}/train/<class>/* and {root}/val/<class>/* with the same classes")
+        folder = split_folder(root, split, "a point folder", "<class>/*")
         if not os.path.isdir(folder):
             raise DatasetError(f"point folder {folder} does not exist")
         self.root, self.num_points, self.in_chans, self.train = folder, num_points, in_chans, train
