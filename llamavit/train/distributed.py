@@ -82,13 +82,15 @@ def bf16_speedup(device_type: str = "cpu", size: int = 512, repeats: int = 5) ->
 
 
 def init_distributed(device: str = "auto") -> DistEnv:
-    """Join the torchrun process group if WORLD_SIZE > 1 (idempotent); return this process's place in it."""
+    """Join the torchrun process group (idempotent) when torchrun started this process, also as its only process
+    (`--nproc_per_node 1`: a one-GPU DDP / FSDP run); return this process's place in it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
+    under_torchrun = world > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+    if under_torchrun and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
@@ -121,9 +123,9 @@ def barrier(env: DistEnv) -> None:
 
 def wrap_model(model: nn.Module, env: DistEnv, fsdp: bool = False) -> nn.Module:
     """The module the training step calls: DDP around `model`, or `model` itself sharded in place by FSDP2
-    (`fully_shard` on every transformer block, then the root), or `model` unchanged in one process. Every
-    trainable parameter must get a gradient (objectives freeze the trunk parts they do not reach)."""
-    if not env.distributed:
+    (`fully_shard` on every transformer block, then the root), or `model` unchanged in a process outside torchrun.
+    Every trainable parameter must get a gradient (objectives freeze the trunk parts they do not reach)."""
+    if not dist.is_initialized():
         if fsdp:
             raise ValueError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N")
         return model
