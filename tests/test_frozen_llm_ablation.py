@@ -73,6 +73,8 @@ def test_claims_are_judged_against_the_seed_spread():
     last_best = [row("layer_0", 80.0, 0.1, [0]), row("layer_29", 81.0, 0.1, [29])]
     (claim,) = judge_llm_claims([LLMClaim("layers differ", "best_layer")], last_best)
     assert claim["best"] == "layer_29" and claim["outcome"] == "does not hold"
+    (claim,) = judge_llm_claims([LLMClaim("layers differ", "best_layer")], last_best[1:])
+    assert claim["outcome"] == "not measured"                                       # one layer is no choice
 
 
 def test_ablate_llm_layers_end_to_end(tmp_path, capsys):

@@ -279,7 +279,8 @@ def judge_llm_claims(claims: Sequence[LLMClaim], summary: List[Dict[str, Any]]) 
         record = {"claim": claim.name, "kind": claim.kind, "arms": claim.arms}
         arms = claim.arms if claim.kind != "best_layer" else [a for a in rows if rows[a]["layers"] and
                                                               len(rows[a]["layers"]) == 1]
-        if any(a not in rows for a in arms) or not arms:
+        too_few = claim.kind == "best_layer" and len(arms) < 2   # a choice needs two layers at least
+        if any(a not in rows for a in arms) or not arms or too_few:
             out.append({**record, "outcome": "not measured", "established": False, "differences": []})
             continue
         if claim.kind == "greater":
@@ -354,6 +355,9 @@ def plot_llm_ablation(result: Dict[str, Any], path: str) -> None:
                yerr=[r["ap_before"]["std"] for r in scored])
         bx.bar([x + 0.2 for x in xs], [r["ap_after"]["mean"] for r in scored], 0.4, label="after the frozen block",
                yerr=[r["ap_after"]["std"] for r in scored])
+        share = scored[0]["foreground_share"]["mean"]
+        if share is not None:
+            bx.axhline(share, color="gray", ls=":", lw=1, label=f"a random map ({share:.3f})")
         bx.set_xticks(list(xs), [r["arm"] for r in scored], rotation=45, ha="right", fontsize=7)
         bx.set_ylabel("foreground AP of the activation magnitude")
         bx.set_title("information filtering")
