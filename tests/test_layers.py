@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from llamavit.layers import (Attention, PatchEmbed, RMSNorm, RotaryEmbedding, apply_rope, naive_soft_mask_attention,
@@ -208,8 +209,8 @@ def test_soft_mask_attention_matches_naive_values_and_grads(rate):
 def test_soft_mask_auto_picks_explicit_on_short_cpu_sequences_and_sdpa_otherwise(rate, monkeypatch):
     import llamavit.layers.attention as attn_mod
     calls = []
-    monkeypatch.setattr(attn_mod, "naive_soft_mask_attention",
-                        lambda *a: calls.append("explicit") or naive_soft_mask_attention(*a))
+    monkeypatch.setattr(attn_mod, "explicit_soft_mask_attention",
+                        lambda q, k, v, r, *a: calls.append("explicit") or naive_soft_mask_attention(q, k, v, r))
     q, k, v = _qkv(n=attn_mod.CPU_EXPLICIT_MAX_TOKENS)
     attn_mod.soft_mask_attention(q, k, v, rate)
     assert calls == ["explicit"]
@@ -219,6 +220,92 @@ def test_soft_mask_auto_picks_explicit_on_short_cpu_sequences_and_sdpa_otherwise
     torch.testing.assert_close(out, naive_soft_mask_attention(q, k, v, rate), atol=1e-10, rtol=1e-8)
     with pytest.raises(ValueError, match="unknown soft-mask implementation 'flash'"):
         attn_mod.soft_mask_attention(q, k, v, rate, impl="flash")
+
+
+def _saved(fn, *args):
+    """(output, [saved tensors' shapes], bytes of their distinct storages) of fn(*args) under autograd."""
+    shapes, storages = [], {}
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return out, shapes, sum(storages.values())
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3, 0.99])
+@pytest.mark.parametrize("layout", [None, "interleaved", "half"])
+def test_explicit_soft_mask_matches_naive_and_saves_no_n_by_n_matrix(rate, layout):
+    from llamavit.layers.attention import explicit_soft_mask_attention
+    n, d = 11, 8
+    qkv = torch.randn(2, n, 3, 4, d, dtype=torch.float64, requires_grad=True)   # as the qkv projection lays them out
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    angles = torch.randn(n, d // 2, dtype=torch.float64)
+    rope = None if layout is None else (angles.cos().float(), angles.sin().float())
+    rotated = (q, k) if rope is None else (apply_rope(q, *rope, layout=layout), apply_rope(k, *rope, layout=layout))
+    naive = naive_soft_mask_attention(*rotated, v, rate)
+    out, shapes, nbytes = _saved(explicit_soft_mask_attention, q, k, v, rate, rope, layout or "interleaved")
+    torch.testing.assert_close(out, naive, atol=1e-12, rtol=1e-10)
+    grad_out = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, qkv, grad_out)[0], torch.autograd.grad(naive, qkv, grad_out)[0],
+                               atol=1e-12, rtol=1e-10)
+    assert not [s for s in shapes if s[-2:] == (n, n)]   # recomputed in backward, not kept
+    # what stays: q, k, v (views of the projection: one storage), the output, one log-sum-exp per row, the tables
+    tables = 0 if rope is None else 2 * rope[0].numel() * 4
+    assert nbytes == qkv.numel() * 8 + out.numel() * 8 + 2 * 4 * n * 8 + tables
+
+
+def test_explicit_soft_mask_with_grouped_heads_and_under_bf16_autocast():
+    from llamavit.layers.attention import explicit_soft_mask_attention
+    q, k, v = _qkv(n=9, h=4, hkv=2)
+    naive = naive_soft_mask_attention(q, k, v, 0.4)
+    out = explicit_soft_mask_attention(q, k, v, 0.4)
+    torch.testing.assert_close(out, naive, atol=1e-12, rtol=1e-10)
+    for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(naive.sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    proj = nn.Linear(8, 24)
+    x = torch.randn(2, 9, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q, k, v = proj(x).view(2, 9, 3, 1, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        out = explicit_soft_mask_attention(q, k, v, 0.3)
+    ref = naive_soft_mask_attention(*(t.float() for t in (q, k, v)), 0.3)
+    assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().max() < 2e-2
+    out.float().square().sum().backward()
+    assert proj.weight.grad.dtype == torch.float32 and torch.isfinite(proj.weight.grad).all()
+
+
+def test_explicit_soft_mask_reuses_its_buffers_without_aliasing_its_outputs():
+    import llamavit.layers.attention as attn_mod
+    q, k, v = (t.detach().float() for t in _qkv(n=16))
+    with torch.no_grad():
+        first = attn_mod.explicit_soft_mask_attention(q, k, v, 0.5)
+        kept = first.clone()
+        buffer = attn_mod._scratch(0, torch.Size((2, 3, 16, 16)), torch.float32, q.device)
+        second = attn_mod.explicit_soft_mask_attention(q * 2, k, v, 0.5)
+        again = attn_mod._scratch(0, torch.Size((2, 3, 16, 16)), torch.float32, q.device)
+    assert buffer.data_ptr() == again.data_ptr()   # one workspace across calls (and layers)
+    assert torch.equal(first, kept) and not torch.equal(first, second)
+    assert attn_mod._scratch(0, torch.Size((attn_mod.WORKSPACE_MAX_BYTES // 4 + 1,)), torch.float32, q.device) is None
+
+
+def test_rmsnorm_and_swiglu_save_less_with_the_same_gradients():
+    from llamavit.layers import SwiGLU
+    norm = RMSNorm(8).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: norm(x), (x, norm.weight))
+    _, shapes, _ = _saved(norm, x)
+    assert (3, 5, 8) in shapes and shapes.count((3, 5, 8)) == 1 and (3, 5, 1) in shapes   # x and its scale only
+    for bias in (False, True):
+        mlp = SwiGLU(8, 16, bias=bias).double()
+        assert torch.autograd.gradcheck(lambda x, *p, mlp=mlp: mlp(x), (x, *mlp.parameters()))
+        _, shapes, _ = _saved(mlp, x)
+        assert shapes.count((3, 5, 16)) == 2   # gate and up; SiLU(gate) and the product are recomputed
+        reference = mlp.fc2(F.silu(mlp.fc1_g(x)) * mlp.fc1_x(x))
+        torch.testing.assert_close(mlp(x), reference, atol=1e-12, rtol=1e-10)
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.25, 0.7])
@@ -232,17 +319,17 @@ def test_lse_soft_mask_matches_naive(rate, dtype, tol):
 def test_soft_mask_auto_takes_lse_only_for_the_longest_cpu_inference(monkeypatch):
     import llamavit.layers.attention as attn_mod
     calls = []
-    for name in ("lse_soft_mask_attention", "naive_soft_mask_attention"):
+    for name in ("lse_soft_mask_attention", "explicit_soft_mask_attention"):
         monkeypatch.setattr(attn_mod, name, lambda *a, name=name: calls.append(name.split("_")[0]) or a[0])
     longest = dict(b=1, h=1, n=attn_mod.CPU_INFERENCE_EXPLICIT_MAX_TOKENS + 1, d=2)
     long = dict(b=1, h=1, n=attn_mod.CPU_EXPLICIT_MAX_TOKENS + 1, d=2)
     with torch.no_grad():
         attn_mod.soft_mask_attention(*_qkv(**longest), 0.5)
         attn_mod.soft_mask_attention(*_qkv(**long), 0.5)   # inference: explicit up to the longer limit
-    assert calls == ["lse", "naive"]
+    assert calls == ["lse", "explicit"]
     attn_mod.soft_mask_attention(*_qkv(**long), 0.5)   # a gradient is needed: the mirrored-keys SDPA
     attn_mod.soft_mask_attention(*_qkv(), 0.5)
-    assert calls == ["lse", "naive", "naive"]
+    assert calls == ["lse", "explicit", "explicit"]
 
 
 def test_lse_soft_mask_refuses_gradients_and_dropout():

@@ -20,7 +20,9 @@ identity: with M = r + (1 - r) tril,
 two flash-attention calls on N keys and no N x N buffer. The CPU flash kernel returns the LSE but has
 no gradient for it, so this form serves only when no gradient is needed.
 """
+import functools
 import math
+import threading
 from typing import Optional, Tuple
 
 import torch
@@ -63,8 +65,10 @@ SOFT_MASK_IMPLS = ("auto", "sdpa", "explicit", "lse")
 
 
 def soft_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rate: float, dropout_p: float = 0.0,
-                        enable_gqa: bool = False, impl: str = "auto") -> torch.Tensor:
-    """iLLaMA soft-mask attention. q: (B, H, N, d); k, v: (B, Hkv, N, d) -> (B, H, N, d).
+                        enable_gqa: bool = False, impl: str = "auto", rope: RopeTables = None,
+                        rope_layout: str = "interleaved") -> torch.Tensor:
+    """iLLaMA soft-mask attention. q: (B, H, N, d); k, v: (B, Hkv, N, d) -> (B, H, N, d); rope: RoPE tables
+    q and k are still to be rotated by (the explicit form rotates them itself, to save only the unrotated ones).
 
     impl 'sdpa': the mirrored-keys SDPA form; 'explicit': the official formula; 'lse': the log-sum-exp
     identity (CPU, no gradient); 'auto', on CPU without dropout: 'explicit' up to CPU_EXPLICIT_MAX_TOKENS
@@ -74,6 +78,7 @@ def soft_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rate:
     if impl not in SOFT_MASK_IMPLS:
         raise ValueError(f"unknown soft-mask implementation {impl!r}; expected one of {SOFT_MASK_IMPLS}")
     if rate >= 1.0:
+        q, k = rotate_qk(q, k, rope, layout=rope_layout)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=enable_gqa)
     n = q.shape[-2]
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
@@ -87,7 +92,8 @@ def soft_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rate:
     if impl in ("explicit", "lse") and dropout_p:
         raise ValueError(f"the {impl} soft-mask form has no attention dropout; use impl='sdpa'")
     if impl == "explicit":
-        return naive_soft_mask_attention(q, k, v, rate)
+        return explicit_soft_mask_attention(q, k, v, rate, rope, rope_layout)
+    q, k = rotate_qk(q, k, rope, layout=rope_layout)
     if impl == "lse":
         if needs_grad or q.device.type != "cpu":
             raise ValueError("the lse soft-mask form runs on CPU without gradients; use impl='sdpa' or 'explicit'")
@@ -115,25 +121,129 @@ def lse_soft_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
 
 
 def naive_soft_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rate: float) -> torch.Tensor:
-    """The official iLLaMA computation, unfused: softmax(q k^T / sqrt(d)) * M, then @ v.
+    """The official iLLaMA computation, unfused: softmax(q k^T / sqrt(d)) * M, then @ v, through autograd.
 
-    q: (B, H, N, d); k, v: (B, Hkv, N, d), H a multiple of Hkv -> (B, H, N, d). The reference for
-    tests and benchmarks, and the fast form for short sequences on CPU.
+    q: (B, H, N, d); k, v: (B, Hkv, N, d), H a multiple of Hkv -> (B, H, N, d). The reference for tests
+    and benchmarks; `explicit_soft_mask_attention` computes the same numbers with less memory.
     """
     n, groups = q.shape[-2], q.shape[-3] // k.shape[-3]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
-    # scaling q (N x d) instead of the scores (N x N) saves a pass over the scores
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-    # without autograd the softmax and the mask overwrite the scores: one N x N buffer instead of two
-    # (softmax's backward would need its output)
-    inplace = not scores.requires_grad
-    probs = torch.softmax(scores, dim=-1, out=scores) if inplace else scores.softmax(dim=-1)
-    if rate == 0.0:
-        return (probs.tril_() if inplace else probs.tril()) @ v
-    causal = torch.ones(n, n, device=q.device, dtype=q.dtype).tril()
-    mask = rate * torch.ones_like(causal) + (1 - rate) * causal
-    return (probs.mul_(mask) if inplace else probs * mask) @ v
+    probs = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+    return (probs * soft_mask_matrix(n, rate, q.device, probs.dtype)) @ v
+
+
+@functools.lru_cache(maxsize=16)
+def soft_mask_matrix(num_tokens: int, rate: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """M(r) = r + (1 - r) * tril(1), (N, N): what the soft mask multiplies the probabilities by (cached)."""
+    causal = torch.ones(num_tokens, num_tokens, device=device, dtype=dtype).tril()
+    return causal.mul_(1 - rate).add_(rate)
+
+
+# The explicit form's N x N buffers come from one per-thread workspace reused across layers and calls: a fresh
+# (B, H, N, N) buffer per layer per call is large enough that glibc maps it and unmaps it again, so every call
+# page-faults it back in and the eager speed depends on the heap's history (bench/README.md). Buffers over
+# WORKSPACE_MAX_BYTES are not kept.
+WORKSPACE_MAX_BYTES = 256 * 2 ** 20
+_workspace = threading.local()
+
+
+def _scratch(slot: int, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
+    """A reusable buffer of `shape` (its contents undefined), or None (allocate) when it would be too large."""
+    numel = math.prod(shape)
+    if numel * dtype.itemsize > WORKSPACE_MAX_BYTES:
+        return None
+    store = _workspace.__dict__.setdefault("buffers", {})
+    buffer = store.get((slot, dtype, device))
+    if buffer is None or buffer.numel() < numel:
+        buffer = store[(slot, dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel].view(shape)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, slot: int) -> torch.Tensor:
+    """a @ b written into workspace `slot` (a fresh tensor when the workspace would be too large)."""
+    shape = torch.Size((*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1]))
+    out = _scratch(slot, shape, torch.promote_types(a.dtype, b.dtype), a.device)
+    return torch.matmul(a, b) if out is None else torch.matmul(a, b, out=out)
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """t in float32 when it is half precision (float64 and float32 stay)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _probabilities(q: torch.Tensor, k: torch.Tensor, lse: Optional[torch.Tensor] = None, with_lse: bool = False):
+    """(P = softmax(q k^T / sqrt(d)) (float32 at least) in workspace slot 0, its row log-sum-exp (B, H, N, 1) or None).
+    lse given: P recomputed from it (backward); with_lse: the forward of training, which saves it."""
+    scores = _matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1), 0)
+    scores = _wide(scores)   # softmax in float32, as autocast's
+    if lse is None and not with_lse:
+        return torch.softmax(scores, dim=-1, out=scores), None
+    if lse is None:
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    return scores.sub_(lse).exp_(), lse
+
+
+class _ExplicitSoftMask(torch.autograd.Function):
+    """softmax(q k^T / sqrt(d)) * M(r) @ v (q, k rotated by RoPE tables cos, sin first, when given) that saves the
+    unrotated q, k (views of the qkv projection), v, the output and one log-sum-exp per row, not the rotated q, k
+    and two (B, H, N, N) matrices as autograd would: backward recomputes them (flash attention's recipe)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rate, cos, sin, layout):
+        with torch.autocast(q.device.type, enabled=False):
+            q_rot, k_rot = _rotate(q, k, cos, sin, layout)
+            probs, lse = _probabilities(q_rot, k_rot, with_lse=True)
+            out = probs.mul_(soft_mask_matrix(q.shape[-2], rate, q.device, probs.dtype)).to(v.dtype) @ v
+        ctx.rate, ctx.layout = rate, layout
+        ctx.save_for_backward(q, k, v, out, lse, cos, sin)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cos, sin = ctx.saved_tensors
+        scale = q.shape[-1] ** -0.5
+        with torch.autocast(q.device.type, enabled=False):
+            q, k = _rotate(q, k, cos, sin, ctx.layout)
+            grad_out = grad_out.to(v.dtype)
+            probs, _ = _probabilities(q, k, lse)
+            mask = soft_mask_matrix(q.shape[-2], ctx.rate, q.device, probs.dtype)
+            weights = _scratch(1, probs.shape, probs.dtype, probs.device)
+            weights = torch.mul(probs, mask, out=weights) if weights is not None else probs * mask
+            grad_v = weights.to(v.dtype).transpose(-2, -1) @ grad_out
+            # d scores = P * (dO v^T * M - rowsum(dO * O)): rowsum(dA * P * M) = rowsum(dO * O)
+            grad_w = _wide(_matmul(grad_out, v.transpose(-2, -1), 1))
+            row = (_wide(grad_out) * _wide(out)).sum(dim=-1, keepdim=True)
+            grad_s = grad_w.mul_(mask).sub_(row).mul_(probs).to(q.dtype)
+            grad_q = (grad_s @ k).mul_(scale)
+            grad_k = (grad_s.transpose(-2, -1) @ q).mul_(scale)
+            if cos is not None:   # back through the rotation: the rotation by minus the angle
+                grad_q, grad_k = _rotate(grad_q, grad_k, cos, -sin, ctx.layout)
+        return grad_q, grad_k, grad_v, None, None, None, None
+
+
+def _rotate(q: torch.Tensor, k: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+            layout: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    if cos is None:
+        return q, k
+    return apply_rope(q, cos, sin, layout=layout), apply_rope(k, cos, sin, layout=layout)
+
+
+def explicit_soft_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rate: float,
+                                 rope: RopeTables = None, rope_layout: str = "interleaved") -> torch.Tensor:
+    """The official soft-mask formula (naive_soft_mask_attention's numbers) on reused buffers; with autograd it
+    saves no N x N matrix (_ExplicitSoftMask). q: (B, H, N, d); k, v: (B, Hkv, N, d) -> (B, H, N, d); rope:
+    (cos, sin) tables that q and k have not been rotated by yet."""
+    groups = q.shape[-3] // k.shape[-3]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
+    cos, sin = rope if rope is not None else (None, None)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _ExplicitSoftMask.apply(q, k, v, rate, cos, sin, rope_layout)
+    with torch.autocast(q.device.type, enabled=False):
+        probs, _ = _probabilities(*_rotate(q, k, cos, sin, rope_layout))
+        return probs.mul_(soft_mask_matrix(q.shape[-2], rate, q.device, probs.dtype)).to(v.dtype) @ v
 
 
 def prefix_causal_mask(num_tokens: int, prefix_len, device=None, rank: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -166,17 +276,20 @@ def rotate_qk(q: torch.Tensor, k: torch.Tensor, rope: RopeTables = None, key_rop
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_mode: str = "bidirectional",
            soft_mask_rate: float = 0.0, attn_mask: Optional[torch.Tensor] = None,
-           dropout_p: float = 0.0) -> torch.Tensor:
-    """Attention of rotated q (B, H, N, d) over k, v (B, Hkv, M, d) -> (B, H, N, d).
+           dropout_p: float = 0.0, rope: RopeTables = None, rope_layout: str = "interleaved") -> torch.Tensor:
+    """Attention of q (B, H, N, d) over k, v (B, Hkv, M, d) -> (B, H, N, d); q and k rotated by `rope` here
+    (when given), or already.
 
     An explicit `attn_mask` (boolean, True = may attend, or additive; (N, M) or (B, 1, N, M)) overrides the
     mask mode. Hkv < H is grouped-query attention.
     """
     gqa = k.shape[-3] != q.shape[-3]
+    if attn_mask is None and mask_mode == "soft":
+        return soft_mask_attention(q, k, v, soft_mask_rate, dropout_p=dropout_p, enable_gqa=gqa, rope=rope,
+                                   rope_layout=rope_layout)
+    q, k = rotate_qk(q, k, rope, layout=rope_layout)
     if attn_mask is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, enable_gqa=gqa)
-    if mask_mode == "soft":
-        return soft_mask_attention(q, k, v, soft_mask_rate, dropout_p=dropout_p, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, is_causal=mask_mode == "causal", dropout_p=dropout_p,
                                           enable_gqa=gqa)
 
@@ -251,9 +364,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: RopeTables = None,
                 attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, n, _ = x.shape
-        q, k, v = self.qkv_heads(x, rope)
+        q, k, v = self.qkv_heads(x)   # rotated inside attend: the soft mask's explicit form keeps them unrotated
         out = attend(q, k, v, self.mask_mode, self.soft_mask_rate, attn_mask,
-                     self.attn_drop if self.training else 0.0)
+                     self.attn_drop if self.training else 0.0, rope=rope, rope_layout=self.rope_layout)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, -1)))
 
     def probabilities(self, x: torch.Tensor, rope: RopeTables = None,

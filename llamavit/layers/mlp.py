@@ -1,7 +1,8 @@
 """Feed-forward layers: the SwiGLU used by LLaMA-style blocks.
 
 We use timm's `SwiGLU` (fc1_g = gate through SiLU, fc1_x = up, fc2 = down), add the LLaMA rule that
-picks the hidden width, and let inference reuse the gate's buffer.
+picks the hidden width, let inference reuse the gate's buffer, and let training keep two hidden-width tensors
+for backward instead of four (the SiLU and the product that enters fc2 are recomputed in backward).
 """
 import math
 
@@ -10,7 +11,62 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import SwiGLU as TimmSwiGLU
 
-__all__ = ["SwiGLU", "swiglu_hidden_dim"]
+__all__ = ["SwiGLU", "silu_mul", "swiglu_hidden_dim"]
+
+
+class _SiluMul(torch.autograd.Function):
+    """silu(gate) * up, saving gate and up only: backward recomputes the sigmoid."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        sig = torch.sigmoid(gate)
+        grad_up = grad * gate * sig
+        # silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
+        grad_gate = grad * up * sig * (1 + gate * (1 - sig))
+        return grad_gate, grad_up
+
+
+class _SiluMulLinear(torch.autograd.Function):
+    """linear(silu(gate) * up, weight, bias), saving gate and up only: backward recomputes the product, the
+    down projection's input, instead of keeping a third hidden-width tensor."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight, bias):
+        out = F.linear(F.silu(gate) * up, weight, bias)   # autocast, when on, picks the matmul's dtype
+        ctx.compute_dtype = out.dtype
+        ctx.save_for_backward(gate, up, weight)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        gate, up, weight = ctx.saved_tensors
+        dtype = ctx.compute_dtype
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        grad = grad.to(dtype)
+        hidden = (silu * up).to(dtype)
+        grad_weight = (grad.flatten(0, -2).t() @ hidden.flatten(0, -2)).to(weight.dtype)
+        grad_bias = grad.flatten(0, -2).sum(0).to(weight.dtype) if ctx.has_bias else None
+        grad_hidden = (grad @ weight.to(dtype)).to(gate.dtype)
+        grad_up = grad_hidden * silu
+        grad_gate = grad_hidden * up * sig * (1 + gate * (1 - sig))
+        return grad_gate, grad_up, grad_weight, grad_bias
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for tensors of one shape; with autograd it saves gate and up, not silu(gate) too."""
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _SiluMul.apply(gate, up)
+    return F.silu(gate) * up
 
 
 class SwiGLU(TimmSwiGLU):
@@ -20,10 +76,14 @@ class SwiGLU(TimmSwiGLU):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.fc1_g(x), self.fc1_x(x)
-        if isinstance(self.act, nn.SiLU) and not (torch.is_grad_enabled() and gate.requires_grad):
-            hidden = F.silu(gate, inplace=True).mul_(up)
-        else:
+        if not isinstance(self.act, nn.SiLU):
             hidden = self.act(gate) * up
+        elif torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+            if isinstance(self.norm, nn.Identity) and self.drop1.p == 0:   # the LLaMA MLP: fc2 takes the product
+                return self.drop2(_SiluMulLinear.apply(gate, up, self.fc2.weight, self.fc2.bias))
+            hidden = silu_mul(gate, up)
+        else:
+            hidden = F.silu(gate, inplace=True).mul_(up)
         return self.drop2(self.fc2(self.norm(self.drop1(hidden))))
 
 

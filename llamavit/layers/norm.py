@@ -3,6 +3,35 @@ import torch
 import torch.nn as nn
 
 
+def _rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / sqrt(mean(x^2) + eps) over the last dim, in float32 at least: (..., 1)."""
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    # one reduction kernel: F.rms_norm is not fused on CPU and takes 2.5x longer at ViT shapes
+    mean_sq = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square() / x.shape[-1]
+    return torch.rsqrt(mean_sq + eps)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """RMSNorm saving x and its (..., 1) scale: the normalised x is recomputed in backward, not kept."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        scale = _rms_scale(x, eps)
+        ctx.save_for_backward(x, weight, scale)
+        return (x * scale).type_as(x) * weight
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight, scale = ctx.saved_tensors
+        normed = x * scale                      # float32 at least, as scale
+        grad_normed = grad * weight.to(normed.dtype)
+        grad_weight = (grad * normed).flatten(0, -2).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        # d/dx of x * s(x), s = rsqrt(mean(x^2) + eps): s * (g - x_hat * mean(g * x_hat))
+        grad_x = scale * (grad_normed - normed * (grad_normed * normed).mean(dim=-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_weight, None
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned scale, computed in float32 (as LLaMA and iLLaMA do).
 
@@ -17,12 +46,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        # x * rsqrt(mean(x^2) + eps) through one reduction kernel: F.rms_norm is not fused on CPU and
-        # takes 2.5x longer at ViT shapes
-        mean_sq = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square() / x.shape[-1]
-        normed = (xf * torch.rsqrt(mean_sq + self.eps)).type_as(x)
-        if normed.dtype == self.weight.dtype and not (torch.is_grad_enabled() and self.weight.requires_grad):
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _RMSNorm.apply(x, self.weight, self.eps)
+        normed = (x * _rms_scale(x, self.eps)).type_as(x)
+        if normed.dtype == self.weight.dtype:
             return normed.mul_(self.weight)   # inference: scale the fresh buffer instead of allocating another
         return normed * self.weight
 
