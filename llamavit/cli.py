@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list model names", description="List llamavit model names.")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'illama*'")
+    p.add_argument("--pretrained", action="store_true",
+                   help="only the weights llamavit ships (NAME.TAG for create_model(NAME, pretrained=True))")
 
     p = sub.add_parser("info", help="parameters, GFLOPs and config of a model",
                        description="Parameters, forward GFLOPs per image and the resolved config of a model.")
@@ -105,8 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, TrainConfig)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint", description="Top-1/top-5 accuracy of a checkpoint.")
-    p.add_argument("--checkpoint", required=True,
-                   help="run directory, checkpoint directory, weights file or timm folder")
+    add_weights_choice(p)
     p.add_argument("--data", help="dataset (default: the one the checkpoint was trained on)")
     p.add_argument("--subset", type=int, default=0, help="evaluate on the first N images only")
     p.add_argument("--batch-size", type=int, default=256)
@@ -114,8 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="classify image files", description="Top-k classes of image files.")
     p.add_argument("images", nargs="+", help="image files (any size; converted to the model's input)")
-    p.add_argument("--checkpoint", required=True,
-                   help="run directory, checkpoint directory, weights file or timm folder")
+    add_weights_choice(p)
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--ema", action="store_true", help="use the EMA weights if the checkpoint has them")
 
@@ -156,11 +156,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_weights_choice(p: argparse.ArgumentParser) -> None:
+    """--checkpoint PATH or --model NAME (weights llamavit ships): one of the two."""
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--checkpoint", help="run directory, checkpoint directory, weights file or timm folder")
+    group.add_argument("--model", help="weights llamavit ships, NAME.TAG (`llamavit models --pretrained`)")
+
+
+def shipped_checkpoint(args) -> None:
+    """Point args.checkpoint at the folder of --model's shipped weights."""
+    if getattr(args, "model", None):
+        from .models.registry import shipped_folder
+        args.checkpoint = shipped_folder(args.model)
+
+
 def cmd_models(args) -> None:
     from .models import list_models
-    names = list_models(args.pattern)
+    names = list_models(args.pattern, pretrained=args.pretrained)
     if not names:
-        raise ValueError(f"no model matches {args.pattern!r}")
+        raise ValueError(f"no {'shipped weights' if args.pretrained else 'model'} match {args.pattern!r}")
     print("\n".join(names))
 
 
@@ -207,6 +221,7 @@ def cmd_eval(args) -> None:
     from .eval import evaluate
     from .eval.loaders import eval_loader
     from .train import model_from_checkpoint
+    shipped_checkpoint(args)
     model = model_from_checkpoint(args.checkpoint, use_ema=args.ema)
     loader, data, n = eval_loader(args.checkpoint, args.data, args.subset, args.batch_size)
     metrics = evaluate(model, loader)
@@ -218,6 +233,7 @@ def cmd_predict(args) -> None:
     from .eval.loaders import checkpoint_transform
     from .predict import predict_images
     from .train import model_from_checkpoint, read_meta
+    shipped_checkpoint(args)
     transform = checkpoint_transform(args.checkpoint)   # refuses runs that are not classifiers, before loading
     model = model_from_checkpoint(args.checkpoint, use_ema=args.ema)
     results = predict_images(model, args.images, transform, read_meta(args.checkpoint)["classes"], args.topk)

@@ -4,6 +4,7 @@ import contextlib
 import dataclasses
 import difflib
 import fnmatch
+import os
 import typing
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -13,9 +14,9 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from . import aim, dit_llama, illama, point_encoder, video_encoder, visionllama, visionllama_pyramid, vit_llm
+from . import aim, dit_llama, illama, point_encoder, video_encoder, visionllama, visionllama_pyramid, vit_llm, zoo
 from ..options import check_ranges, coerce
-from .convert import load_checkpoint
+from .convert import WEIGHTS_NAME, load_checkpoint
 from .frozen_llm import SMOLLM2_SHAPE
 from .weight_selection import select_from_llm
 
@@ -24,6 +25,7 @@ FAMILIES: Dict[str, Tuple[type, type]] = {}
 _FEATURE_CFGS: Dict[str, dict] = {}  # family -> timm feature_cfg for features_only=True
 MODEL_FAMILY: Dict[str, str] = {}
 _ARCH_DEFAULTS: Dict[str, dict] = {}
+_CFG_OVERRIDES: Dict[str, dict] = {}   # name -> what its pretrained_cfg changes of _cfg's (layer names, input size)
 TIMM_PREFIX = "timm:"  # create_model("timm:<name>") builds a timm model (for baselines)
 # timm's build arguments, passed to build_model_with_cfg (pretrained_model_args: the config.json `model_args` of a
 # `local-dir:` / `hf-hub:` folder, recorded by timm, never a model option)
@@ -75,12 +77,15 @@ def register_family(family: str, model_cls: type, cfg_cls: type, feature_cfg: Op
 
 
 def _register(name: str, family: str, img_size: Optional[int], doc: str, pretrained_cfg: Optional[dict] = None,
-              **arch) -> None:
+              tag: str = "", **arch) -> None:
     """Register one named config with timm; `arch` holds the config fields it fixes. img_size None: a model that
-    takes no image size (point clouds); its pretrained_cfg then states its `input_size`."""
+    takes no image size (point clouds); its pretrained_cfg then states its `input_size`. tag: the pretrained tag
+    the cfg describes (shipped weights, whose cfg names their `file`)."""
     MODEL_FAMILY[name] = family
+    _CFG_OVERRIDES[name] = dict(pretrained_cfg or {})
     _ARCH_DEFAULTS[name] = {**({"img_size": img_size} if img_size is not None else {}), **arch}
-    default_cfgs.update(generate_default_cfgs({name: _cfg(img_size or 224, **(pretrained_cfg or {}))}))
+    key = f"{name}.{tag}" if tag else name
+    default_cfgs.update(generate_default_cfgs({key: _cfg(img_size or 224, **(pretrained_cfg or {}))}))
 
     def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
         return _build(name, pretrained, **kwargs)
@@ -204,9 +209,54 @@ _register("point_smollm2_tiny", "point_encoder", None,
           pretrained_cfg=_POINT_CFG, llm_path="smollm2", **SMOLLM2_SHAPE, **_POINT_TINY)
 
 
-def list_models(pattern: str = "*") -> List[str]:
-    """llamavit model names matching a shell-style pattern, sorted."""
-    return sorted(n for n in MODEL_FAMILY if fnmatch.fnmatch(n, pattern))
+def register_shipped(folder: str) -> str:
+    """Register a shipped weights folder (models/zoo.py): `<architecture>` with the folder's construction
+    arguments, `<architecture>.<tag>` as its pretrained tag. -> the tagged name."""
+    name = os.path.basename(os.path.normpath(folder))
+    architecture, tag = name.split(".")
+    config = zoo.read_release(folder)
+    own, cfg = config[zoo.OWN_SECTION], config["pretrained_cfg"]
+    base = own["base_model"]
+    check_model_name(base)
+    keep = ("input_size", "mean", "std", "crop_pct", "interpolation")
+    pretrained_cfg = {**{k: cfg[k] for k in keep if k in cfg}, "input_size": tuple(cfg["input_size"]),
+                      "num_classes": config["num_classes"], "label_names": config.get("label_names"),
+                      "file": os.path.join(folder, WEIGHTS_NAME), "license": "apache-2.0",
+                      "description": own.get("summary", "")}
+    arch = {**_ARCH_DEFAULTS[base], **config.get("model_args", {})}
+    arch.pop("img_size", None)
+    _register(architecture, MODEL_FAMILY[base], int(cfg["input_size"][-1]),
+              f"{base} trained by llamavit ({name}: {own.get('summary', '')})",
+              pretrained_cfg={**_CFG_OVERRIDES[base], **pretrained_cfg}, tag=tag, **arch)
+    SHIPPED[name] = folder
+    return name
+
+
+def shipped_folder(name: str) -> str:
+    """The folder of registered shipped weights: `<architecture>.<tag>`, or `<architecture>` alone when it has one
+    tag. ValueError (one line, with the shipped names) otherwise."""
+    if name in SHIPPED:
+        return SHIPPED[name]
+    tags = [n for n in SHIPPED if n.split(".")[0] == name]
+    if len(tags) == 1:
+        return SHIPPED[tags[0]]
+    if tags:
+        raise ValueError(f"{name} has several shipped weights ({', '.join(tags)}): name one")
+    raise ValueError(f"no shipped weights named {name!r}; llamavit downloads no weights; pass "
+                     f"checkpoint_path=<official or llamavit checkpoint file>, or take weights it ships: "
+                     f"{', '.join(sorted(SHIPPED)) or 'none'} (`llamavit models --pretrained`)")
+
+
+SHIPPED: Dict[str, str] = {}   # '<architecture>.<tag>' -> folder of the weights llamavit ships (+ releases made since)
+for _folder in zoo.shipped_weights().values():
+    register_shipped(_folder)
+
+
+def list_models(pattern: str = "*", pretrained: bool = False) -> List[str]:
+    """llamavit model names matching a shell-style pattern, sorted; pretrained: the shipped weights'
+    `<architecture>.<tag>` names only."""
+    names = SHIPPED if pretrained else MODEL_FAMILY
+    return sorted(n for n in names if fnmatch.fnmatch(n, pattern))
 
 
 def model_family(name: str) -> str:
@@ -244,10 +294,9 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Union[str
         if init_from_llm is not None:
             select_from_llm(model, init_from_llm)   # raises: timm models are not supported
         return model
+    if pretrained and checkpoint_path is None:   # only the weights llamavit ships (models/zoo.py): no downloads
+        return timm.create_model(os.path.basename(shipped_folder(name)), pretrained=True, **kwargs)
     check_model_name(name)
-    if pretrained and checkpoint_path is None:
-        raise ValueError(f"{name}: llamavit downloads no weights; pass checkpoint_path=<official or llamavit "
-                         f"checkpoint file> instead of pretrained=True")
     # families with no state outside the state dict are built on 'meta' and take the loaded tensors
     # as they are (assign=True), so a 7B model is never materialised twice
     on_meta = checkpoint_path is not None and getattr(FAMILIES[MODEL_FAMILY[name]][0], "supports_meta_init", False)

@@ -1,0 +1,48 @@
+"""Release a benchmark's trained model as weights llamavit ships (llamavit/weights/<name>/, models/zoo.py): the timm
+folder, its measured test top-1 and its model card.
+
+    python bench/fmnist_illama.py && python bench/release_weights.py illama
+    python bench/release_weights.py illama --run runs/fmnist_illama   # another run of the same recipe
+
+Each entry names the run the benchmark writes, the shipped name and the card's text.
+"""
+import argparse
+import json
+import os
+
+from llamavit.models.zoo import WEIGHTS_DIR
+from llamavit.release import release_weights
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RELEASES = {
+    "illama": {
+        "name": "illama_fmnist_patch4_28.fmnist",
+        "run": "runs/fmnist_illama",
+        "summary": "iLLaMA (decoder-only ViT: RMSNorm, SwiGLU, 2D RoPE, causal attention with a post-sequence class "
+                   "token) trained from scratch on Fashion-MNIST 28 x 28 grayscale by bench/fmnist_illama.py.",
+        "trained": "bench/fmnist_illama.py: the recipe of configs/fmnist_illama.yaml (AdamW, cosine schedule, label "
+                   "smoothing 0.1, random resized crop + flip, the soft mask decaying linearly over 2 epochs) for "
+                   "as many epochs as a 30-minute budget on 2 CPU threads allows (re-planned after epoch 1; bf16 "
+                   "autocast where the CPU makes it faster). The options the run used are below.",
+        "reproduce": ["make venv fashion-mnist", "python bench/fmnist_illama.py",
+                      "python bench/release_weights.py illama"],
+    },
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", choices=sorted(RELEASES))
+    ap.add_argument("--run", help="the trained run (default: the one the benchmark writes)")
+    ap.add_argument("--weights-dir", default=WEIGHTS_DIR)
+    args = ap.parse_args()
+    entry = RELEASES[args.model]
+    own = release_weights(args.run or entry["run"], entry["name"], entry["summary"], entry["trained"],
+                          entry["reproduce"], weights_dir=args.weights_dir)
+    print(json.dumps({k: own[k] for k in ("base_model", "data", "params", "test_top1", "test_top5",
+                                          "test_top1_first_1000")}, indent=2))
+    print(f"wrote {os.path.join(args.weights_dir, entry['name'])}")
+
+
+if __name__ == "__main__":
+    main()
