@@ -31,7 +31,7 @@ import yaml
 
 from ..train import PretrainConfig, Pretrainer
 from ..train.probe import ProbeConfig, Prober
-from .report import gap, mean_std, plus_minus
+from .report import gap, mean_std, plus_minus, read_json
 
 CLAIM_KINDS = ("order", "geq", "greater", "scaling", "longer", "overfit")
 ARM_KEYS = {"name", "change", "pretrain", "probe", "epochs_factor", "train_fraction", "reuse"}
@@ -127,14 +127,6 @@ def arm_probe_config(ablation: AimAblation, arm: Arm, seed: int, output: str, tr
                                   "output": os.path.join(output, arm.name, f"seed{seed}", "probe")})
 
 
-def _read_summary(run_dir: str) -> Optional[Dict[str, Any]]:
-    path = os.path.join(run_dir, "summary.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
 def _loss_curve(run_dir: str) -> Dict[str, List[float]]:
     steps, losses = [], []
     with open(os.path.join(run_dir, "log.jsonl")) as f:
@@ -153,10 +145,10 @@ def run_arm(ablation: AimAblation, arm: Arm, seed: int, output: str, full_images
     source = next(a for a in ablation.arms if a.name == (arm.reuse or arm.name))
     pre_cfg = arm_pretrain_config(ablation, source, seed, output, full_images, progress=progress,
                                   **(pretrain_budget or {}))
-    pre = _read_summary(pre_cfg.output)
+    pre = read_json(os.path.join(pre_cfg.output, "summary.json"))
     probe_cfg = arm_probe_config(ablation, arm, seed, output, pre_cfg.output, progress=progress,
                                  **(probe_budget or {}))
-    probed = _read_summary(probe_cfg.output)
+    probed = read_json(os.path.join(probe_cfg.output, "summary.json"))
     if not train and (pre is None or probed is None):
         return None
     if pre is None:

@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import yaml
 
-from .report import gap, mean_std, plus_minus
+from .report import gap, mean_std, plus_minus, read_json
 
 CLAIM_KINDS = ("greater", "best_layer", "filter")
 # --smoke: every arm on a few images, one epoch (the pipeline, not a measurement)
@@ -116,13 +116,6 @@ def arm_train_config(ablation: LLMAblation, arm: LLMArm, seed: int, output: str,
                                   "output": os.path.join(output, arm.name, f"seed{seed}"), "resume": True})
 
 
-def _read_json(path: str) -> Optional[Dict[str, Any]]:
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
 def filter_scores(model: torch.nn.Module, dataset, count: int, threshold: float, mean, std,
                   batch_size: int = 250) -> Dict[str, Dict[str, float]]:
     """{block: {'magnitude': AP, 'frequency': AP, 'magnitude_ratio': ratio}} over the first `count` images of an
@@ -157,9 +150,9 @@ def _train_arm(job: Dict[str, Any]) -> Dict[str, Any]:
     from ..train import Trainer
     from ..train.supervised import transform_config
     cfg = job["config"]
-    summary = _read_json(os.path.join(cfg.output, "summary.json"))
+    summary = read_json(os.path.join(cfg.output, "summary.json"))
     scores_path = os.path.join(cfg.output, "filter_scores.json")
-    scores = _read_json(scores_path)
+    scores = read_json(scores_path)
     start = time.perf_counter()
     trainer = None
     if summary is None:   # a finished run is read back (delete its directory to train it again)
@@ -202,7 +195,7 @@ def run_llm_ablation(ablation: LLMAblation, output: str, seeds: Sequence[int] = 
     for arm in ablation.arms:
         for seed in seeds:
             cfg = arm_train_config(ablation, arm, seed, output, **budget)
-            done = _read_json(os.path.join(cfg.output, "summary.json"))
+            done = read_json(os.path.join(cfg.output, "summary.json"))
             if arm.name in wanted or done is not None:
                 todo.append({"arm": arm.name, "config": cfg, "threads": threads, "score_images": ablation.score_images,
                              "threshold": ablation.foreground_threshold})

@@ -2,9 +2,17 @@
 import json
 import os
 import statistics
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from ..eval.attention import plot_spectra
+
+
+def read_json(path: str) -> Optional[Dict[str, Any]]:
+    """The JSON object of a finished run's file (summary.json, ...), or None when it is not written yet."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def mean_std(values: List[float]) -> Dict[str, float]:

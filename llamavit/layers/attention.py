@@ -65,10 +65,8 @@ SOFT_MASK_IMPLS = ("auto", "sdpa", "explicit", "lse")
 
 
 def soft_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rate: float, dropout_p: float = 0.0,
-                        enable_gqa: bool = False, impl: str = "auto", rope: RopeTables = None,
-                        rope_layout: str = "interleaved") -> torch.Tensor:
-    """iLLaMA soft-mask attention. q: (B, H, N, d); k, v: (B, Hkv, N, d) -> (B, H, N, d); rope: RoPE tables
-    q and k are still to be rotated by (the explicit form rotates them itself, to save only the unrotated ones).
+                        enable_gqa: bool = False, impl: str = "auto") -> torch.Tensor:
+    """iLLaMA soft-mask attention. q: (B, H, N, d); k, v: (B, Hkv, N, d) -> (B, H, N, d).
 
     impl 'sdpa': the mirrored-keys SDPA form; 'explicit': the official formula; 'lse': the log-sum-exp
     identity (CPU, no gradient); 'auto', on CPU without dropout: 'explicit' up to CPU_EXPLICIT_MAX_TOKENS
@@ -78,7 +76,6 @@ def soft_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rate:
     if impl not in SOFT_MASK_IMPLS:
         raise ValueError(f"unknown soft-mask implementation {impl!r}; expected one of {SOFT_MASK_IMPLS}")
     if rate >= 1.0:
-        q, k = rotate_qk(q, k, rope, layout=rope_layout)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=enable_gqa)
     n = q.shape[-2]
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
@@ -92,8 +89,7 @@ def soft_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rate:
     if impl in ("explicit", "lse") and dropout_p:
         raise ValueError(f"the {impl} soft-mask form has no attention dropout; use impl='sdpa'")
     if impl == "explicit":
-        return explicit_soft_mask_attention(q, k, v, rate, rope, rope_layout)
-    q, k = rotate_qk(q, k, rope, layout=rope_layout)
+        return explicit_soft_mask_attention(q, k, v, rate)
     if impl == "lse":
         if needs_grad or q.device.type != "cpu":
             raise ValueError("the lse soft-mask form runs on CPU without gradients; use impl='sdpa' or 'explicit'")
@@ -167,82 +163,73 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, slot: int) -> torch.Tensor:
     return torch.matmul(a, b) if out is None else torch.matmul(a, b, out=out)
 
 
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    """t in float32 when it is half precision (float64 and float32 stay)."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+def _wide(t: torch.Tensor, slot: int) -> torch.Tensor:
+    """t in float32 (in workspace `slot`) when it is half precision; float64 and float32 stay."""
+    if t.dtype not in (torch.float16, torch.bfloat16):
+        return t
+    out = _scratch(slot, t.shape, torch.float32, t.device)
+    return t.float() if out is None else out.copy_(t)
 
 
-def _probabilities(q: torch.Tensor, k: torch.Tensor, lse: Optional[torch.Tensor] = None, with_lse: bool = False):
-    """(P = softmax(q k^T / sqrt(d)) (float32 at least) in workspace slot 0, its row log-sum-exp (B, H, N, 1) or None).
-    lse given: P recomputed from it (backward); with_lse: the forward of training, which saves it."""
-    scores = _matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1), 0)
-    scores = _wide(scores)   # softmax in float32, as autocast's
-    if lse is None and not with_lse:
-        return torch.softmax(scores, dim=-1, out=scores), None
-    if lse is None:
-        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    return scores.sub_(lse).exp_(), lse
+def _probabilities(q: torch.Tensor, k: torch.Tensor, keep: bool = False) -> torch.Tensor:
+    """P = softmax(q k^T / sqrt(d)), (B, H, N, N) in float32 at least (as autocast's softmax); in workspace slot 0
+    unless `keep` (a tensor of its own, saved for backward)."""
+    scores = _wide(_matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1), 0), 0)
+    return scores.softmax(dim=-1) if keep else torch.softmax(scores, dim=-1, out=scores)
+
+
+def _masked(probs: torch.Tensor, rate: float) -> torch.Tensor:
+    """P * M(r) in workspace slot 1."""
+    mask = soft_mask_matrix(probs.shape[-1], rate, probs.device, probs.dtype)
+    out = _scratch(1, probs.shape, probs.dtype, probs.device)
+    return probs * mask if out is None else torch.mul(probs, mask, out=out)
 
 
 class _ExplicitSoftMask(torch.autograd.Function):
-    """softmax(q k^T / sqrt(d)) * M(r) @ v (q, k rotated by RoPE tables cos, sin first, when given) that saves the
-    unrotated q, k (views of the qkv projection), v, the output and one log-sum-exp per row, not the rotated q, k
-    and two (B, H, N, N) matrices as autograd would: backward recomputes them (flash attention's recipe)."""
+    """softmax(q k^T / sqrt(d)) * M(r) @ v saving q, k, v and the probabilities P, one (B, H, N, N) matrix where
+    autograd keeps two (P and P * M, recomputed here from P in one pass)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, rate, cos, sin, layout):
+    def forward(ctx, q, k, v, rate):
         with torch.autocast(q.device.type, enabled=False):
-            q_rot, k_rot = _rotate(q, k, cos, sin, layout)
-            probs, lse = _probabilities(q_rot, k_rot, with_lse=True)
-            out = probs.mul_(soft_mask_matrix(q.shape[-2], rate, q.device, probs.dtype)).to(v.dtype) @ v
-        ctx.rate, ctx.layout = rate, layout
-        ctx.save_for_backward(q, k, v, out, lse, cos, sin)
+            probs = _probabilities(q, k, keep=True)
+            out = _masked(probs, rate).to(v.dtype) @ v
+        ctx.rate = rate
+        ctx.save_for_backward(q, k, v, probs)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        q, k, v, out, lse, cos, sin = ctx.saved_tensors
+        q, k, v, probs = ctx.saved_tensors
         scale = q.shape[-1] ** -0.5
         with torch.autocast(q.device.type, enabled=False):
-            q, k = _rotate(q, k, cos, sin, ctx.layout)
             grad_out = grad_out.to(v.dtype)
-            probs, _ = _probabilities(q, k, lse)
-            mask = soft_mask_matrix(q.shape[-2], ctx.rate, q.device, probs.dtype)
-            weights = _scratch(1, probs.shape, probs.dtype, probs.device)
-            weights = torch.mul(probs, mask, out=weights) if weights is not None else probs * mask
-            grad_v = weights.to(v.dtype).transpose(-2, -1) @ grad_out
-            # d scores = P * (dO v^T * M - rowsum(dO * O)): rowsum(dA * P * M) = rowsum(dO * O)
-            grad_w = _wide(_matmul(grad_out, v.transpose(-2, -1), 1))
-            row = (_wide(grad_out) * _wide(out)).sum(dim=-1, keepdim=True)
-            grad_s = grad_w.mul_(mask).sub_(row).mul_(probs).to(q.dtype)
-            grad_q = (grad_s @ k).mul_(scale)
-            grad_k = (grad_s.transpose(-2, -1) @ q).mul_(scale)
-            if cos is not None:   # back through the rotation: the rotation by minus the angle
-                grad_q, grad_k = _rotate(grad_q, grad_k, cos, -sin, ctx.layout)
-        return grad_q, grad_k, grad_v, None, None, None, None
+            grad_v = _masked(probs, ctx.rate).to(v.dtype).transpose(-2, -1) @ grad_out
+            # d scores = P * (G - rowsum(G * P)) with G = M * (dO v^T): softmax's own backward of G
+            mask = soft_mask_matrix(probs.shape[-1], ctx.rate, probs.device, probs.dtype)
+            grad_weights = _wide(_matmul(grad_out, v.transpose(-2, -1), 1), 1).mul_(mask)
+            grad_scores = _scratch(2, probs.shape, probs.dtype, probs.device)
+            if grad_scores is None:
+                grad_scores = torch._softmax_backward_data(grad_weights, probs, -1, probs.dtype)
+            else:
+                torch.ops.aten._softmax_backward_data.out(grad_weights, probs, -1, probs.dtype, grad_input=grad_scores)
+            grad_scores = grad_scores.to(q.dtype)
+            grad_q = (grad_scores @ k).mul_(scale)
+            grad_k = (grad_scores.transpose(-2, -1) @ q).mul_(scale)
+        return grad_q, grad_k, grad_v, None
 
 
-def _rotate(q: torch.Tensor, k: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
-            layout: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    if cos is None:
-        return q, k
-    return apply_rope(q, cos, sin, layout=layout), apply_rope(k, cos, sin, layout=layout)
-
-
-def explicit_soft_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rate: float,
-                                 rope: RopeTables = None, rope_layout: str = "interleaved") -> torch.Tensor:
+def explicit_soft_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rate: float) -> torch.Tensor:
     """The official soft-mask formula (naive_soft_mask_attention's numbers) on reused buffers; with autograd it
-    saves no N x N matrix (_ExplicitSoftMask). q: (B, H, N, d); k, v: (B, Hkv, N, d) -> (B, H, N, d); rope:
-    (cos, sin) tables that q and k have not been rotated by yet."""
+    saves one N x N matrix, not two (_ExplicitSoftMask). q: (B, H, N, d); k, v: (B, Hkv, N, d) -> (B, H, N, d)."""
     groups = q.shape[-3] // k.shape[-3]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
-    cos, sin = rope if rope is not None else (None, None)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _ExplicitSoftMask.apply(q, k, v, rate, cos, sin, rope_layout)
+        return _ExplicitSoftMask.apply(q, k, v, rate)
     with torch.autocast(q.device.type, enabled=False):
-        probs, _ = _probabilities(*_rotate(q, k, cos, sin, rope_layout))
+        probs = _probabilities(q, k)
         return probs.mul_(soft_mask_matrix(q.shape[-2], rate, q.device, probs.dtype)).to(v.dtype) @ v
 
 
@@ -276,20 +263,17 @@ def rotate_qk(q: torch.Tensor, k: torch.Tensor, rope: RopeTables = None, key_rop
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_mode: str = "bidirectional",
            soft_mask_rate: float = 0.0, attn_mask: Optional[torch.Tensor] = None,
-           dropout_p: float = 0.0, rope: RopeTables = None, rope_layout: str = "interleaved") -> torch.Tensor:
-    """Attention of q (B, H, N, d) over k, v (B, Hkv, M, d) -> (B, H, N, d); q and k rotated by `rope` here
-    (when given), or already.
+           dropout_p: float = 0.0) -> torch.Tensor:
+    """Attention of rotated q (B, H, N, d) over k, v (B, Hkv, M, d) -> (B, H, N, d).
 
     An explicit `attn_mask` (boolean, True = may attend, or additive; (N, M) or (B, 1, N, M)) overrides the
     mask mode. Hkv < H is grouped-query attention.
     """
     gqa = k.shape[-3] != q.shape[-3]
-    if attn_mask is None and mask_mode == "soft":
-        return soft_mask_attention(q, k, v, soft_mask_rate, dropout_p=dropout_p, enable_gqa=gqa, rope=rope,
-                                   rope_layout=rope_layout)
-    q, k = rotate_qk(q, k, rope, layout=rope_layout)
     if attn_mask is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, enable_gqa=gqa)
+    if mask_mode == "soft":
+        return soft_mask_attention(q, k, v, soft_mask_rate, dropout_p=dropout_p, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, is_causal=mask_mode == "causal", dropout_p=dropout_p,
                                           enable_gqa=gqa)
 
@@ -364,9 +348,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: RopeTables = None,
                 attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, n, _ = x.shape
-        q, k, v = self.qkv_heads(x)   # rotated inside attend: the soft mask's explicit form keeps them unrotated
+        q, k, v = self.qkv_heads(x, rope)
         out = attend(q, k, v, self.mask_mode, self.soft_mask_rate, attn_mask,
-                     self.attn_drop if self.training else 0.0, rope=rope, rope_layout=self.rope_layout)
+                     self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, -1)))
 
     def probabilities(self, x: torch.Tensor, rope: RopeTables = None,

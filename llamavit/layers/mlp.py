@@ -15,7 +15,7 @@ __all__ = ["SwiGLU", "silu_mul", "swiglu_hidden_dim"]
 
 
 class _SiluMul(torch.autograd.Function):
-    """silu(gate) * up, saving gate and up only: backward recomputes the sigmoid."""
+    """silu(gate) * up, saving gate and up only: backward recomputes silu(gate)."""
 
     @staticmethod
     def forward(ctx, gate, up):
@@ -26,11 +26,7 @@ class _SiluMul(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        sig = torch.sigmoid(gate)
-        grad_up = grad * gate * sig
-        # silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
-        grad_gate = grad * up * sig * (1 + gate * (1 - sig))
-        return grad_gate, grad_up
+        return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
 
 
 class _SiluMulLinear(torch.autograd.Function):
@@ -50,16 +46,14 @@ class _SiluMulLinear(torch.autograd.Function):
     def backward(ctx, grad):
         gate, up, weight = ctx.saved_tensors
         dtype = ctx.compute_dtype
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        grad = grad.to(dtype)
+        silu = F.silu(gate)
+        grad = grad.to(dtype).flatten(0, -2)
         hidden = (silu * up).to(dtype)
-        grad_weight = (grad.flatten(0, -2).t() @ hidden.flatten(0, -2)).to(weight.dtype)
-        grad_bias = grad.flatten(0, -2).sum(0).to(weight.dtype) if ctx.has_bias else None
-        grad_hidden = (grad @ weight.to(dtype)).to(gate.dtype)
-        grad_up = grad_hidden * silu
-        grad_gate = grad_hidden * up * sig * (1 + gate * (1 - sig))
-        return grad_gate, grad_up, grad_weight, grad_bias
+        grad_weight = (grad.t() @ hidden.flatten(0, -2)).to(weight.dtype)
+        grad_bias = grad.sum(0).to(weight.dtype) if ctx.has_bias else None
+        grad_hidden = (grad @ weight.to(dtype)).to(gate.dtype).view_as(gate)
+        grad_gate = torch.ops.aten.silu_backward(grad_hidden * up, gate)
+        return grad_gate, grad_hidden.mul_(silu), grad_weight, grad_bias
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

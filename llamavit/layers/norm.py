@@ -25,10 +25,13 @@ class _RMSNorm(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, scale = ctx.saved_tensors
         normed = x * scale                      # float32 at least, as scale
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * normed).flatten(0, -2).sum(0).to(weight.dtype)
         grad_normed = grad * weight.to(normed.dtype)
-        grad_weight = (grad * normed).flatten(0, -2).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
         # d/dx of x * s(x), s = rsqrt(mean(x^2) + eps): s * (g - x_hat * mean(g * x_hat))
-        grad_x = scale * (grad_normed - normed * (grad_normed * normed).mean(dim=-1, keepdim=True))
+        dot = (grad_normed * normed).mean(dim=-1, keepdim=True)
+        grad_x = torch.addcmul(grad_normed, normed, dot, value=-1).mul_(scale)
         return grad_x.to(x.dtype), grad_weight, None
 
 
