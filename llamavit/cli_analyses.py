@@ -61,6 +61,7 @@ def add_analyze_parser(sub) -> None:
     _common(a, "runs/resolution")
     a.add_argument("--sizes", type=int, nargs="+", required=True, help="input sizes in pixels")
 
+    add_shape_bias_parser(analyses)
     a = analyses.add_parser("attention", help="attention maps of chosen layers/heads and their ranks",
                             description="Attention probabilities recomputed from q and k in hooks: the class "
                                         "token's (or the mean query's) map over the image per layer and head, "
@@ -75,6 +76,22 @@ def add_analyze_parser(sub) -> None:
                                               "(default: N x float32 eps, the numerical rank)")
     a.add_argument("--output", default="runs/attention", help="output directory (default: runs/attention)")
     a.add_argument("--ema", action="store_true", help="use the EMA weights if the checkpoint has them")
+
+
+def add_shape_bias_parser(analyses) -> None:
+    a = analyses.add_parser("shape-bias", help="shape-texture bias on cue-conflict images (Geirhos et al.)",
+                            description="Cue-conflict images (the silhouette of one test item filled with the "
+                                        "texture of an item of another class; eval/shape_bias.py) and each "
+                                        "model's shape bias: shape / (shape + texture) decisions.")
+    a.add_argument("--checkpoint", nargs="+", required=True,
+                   help="one or more runs / checkpoints / timm folders trained on the same classes")
+    a.add_argument("--data", help="dataset (default: the one the first checkpoint was trained on)")
+    a.add_argument("--count", type=int, default=1000, help="cue-conflict images from the first N test items")
+    a.add_argument("--seed", type=int, default=0, help="seed of the shape-texture pairing")
+    a.add_argument("--threshold", type=float, default=0.1, help="silhouette: pixels brighter than this in [0, 1]")
+    a.add_argument("--patch", type=int, default=8, help="side of the texture window, in pixels")
+    a.add_argument("--output", default="runs/shape_bias", help="output directory (default: runs/shape_bias)")
+    a.add_argument("--ema", action="store_true", help="use the EMA weights if the checkpoints have them")
 
 
 def add_ablate_parser(sub) -> None:
@@ -114,10 +131,58 @@ def add_ablate_parser(sub) -> None:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
 
 
+def _shape_bias(args) -> None:
+    """analyze shape-bias: one cue-conflict set, every checkpoint's score."""
+    import torch
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from .data import build_dataset
+    from .eval.fid import classifier_inputs
+    from .eval.loaders import checkpoint_transform, training_data
+    from .eval.shape_bias import build_cue_conflict_set, save_shape_bias_report, shape_bias_score
+    from .train import model_from_checkpoint, read_meta
+    data = args.data or training_data(args.checkpoint[0])
+    dataset = build_dataset(data, "val")
+    classes = list(dataset.classes)
+    count = min(args.count, len(dataset))
+    items = [dataset[i] for i in range(count)]
+    images = torch.stack([pil_to_tensor(img.convert("L"))[0].float() / 255 for img, _ in items])
+    labels = torch.tensor([int(label) for _, label in items])
+    cue = build_cue_conflict_set(images, labels, count, args.seed, args.threshold, args.patch)
+    result = {"set": {"data": data, "count": count, "seed": args.seed, "threshold": args.threshold,
+                      "patch": args.patch, "shape_labels": cue["shape_labels"].tolist(),
+                      "texture_labels": cue["texture_labels"].tolist()}, "models": {}}
+    predictions = {}
+    for path in args.checkpoint:
+        model_classes = read_meta(path).get("classes")
+        if model_classes and list(model_classes) != classes:
+            raise ValueError(f"{path} predicts {len(model_classes)} classes other than {data}'s: shape bias needs "
+                             f"a model of the dataset's classes")
+        tcfg = checkpoint_transform(path)
+        model = model_from_checkpoint(path, use_ema=args.ema).eval()
+        x = classifier_inputs(cue["images"], tcfg.img_size, tcfg.in_chans, tcfg.mean, tcfg.std)
+        with torch.no_grad():
+            predicted = torch.cat([model(chunk).argmax(-1) for chunk in x.split(256)])
+        name = os.path.basename(os.path.normpath(path))
+        name = name if name not in predictions else path
+        predictions[name] = predicted
+        result["models"][name] = {"checkpoint": path, **shape_bias_score(predicted, cue["shape_labels"],
+                                                                         cue["texture_labels"], classes)}
+    print(f"{data}: {count} cue-conflict images (seed {args.seed}, texture window {args.patch} px)")
+    print(f"{'model':24s} {'shape bias':>10s} {'shape':>6s} {'texture':>8s} {'other':>6s}")
+    for name, r in result["models"].items():
+        bias = "-" if r["shape_bias"] is None else f"{r['shape_bias']:.3f}"
+        print(f"{name:24s} {bias:>10s} {r['shape_decisions']:6d} {r['texture_decisions']:8d} {r['other_decisions']:6d}")
+    paths = save_shape_bias_report(result, cue["images"], predictions, args.output, classes)
+    print(f"wrote {', '.join(paths)}")
+
+
 def cmd_analyze(args) -> None:
     """Run one analysis on a checkpoint and print its table."""
     from .eval.loaders import eval_loader
     from .train import model_from_checkpoint, read_meta
+    if args.analysis == "shape-bias":
+        return _shape_bias(args)
     model, meta = model_from_checkpoint(args.checkpoint, use_ema=args.ema).eval(), read_meta(args.checkpoint)
     title = meta.get("model", "")
     if args.analysis == "calibration":
