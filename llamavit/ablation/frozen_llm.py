@@ -122,11 +122,9 @@ def filter_scores(model: torch.nn.Module, dataset, count: int, threshold: float,
     image dataset, each map scored as a detector of the pixels brighter than `threshold` (see eval/activations)."""
     from ..eval.activations import analyze_activations, foreground_from_images
     totals: Dict[str, Dict[str, float]] = {}
-    seen = 0
     model.eval()
-    while seen < min(count, len(dataset)):
-        batch = [dataset[i][0] for i in range(seen, min(seen + batch_size, count, len(dataset)))]
-        images = torch.stack(batch)
+    subset = torch.utils.data.Subset(dataset, range(min(count, len(dataset))))
+    for images, _ in torch.utils.data.DataLoader(subset, batch_size=batch_size):
         with torch.no_grad():
             result = analyze_activations(model, images, foreground=foreground_from_images(images, mean, std,
                                                                                            threshold))
@@ -139,7 +137,6 @@ def filter_scores(model: torch.nn.Module, dataset, count: int, threshold: float,
             entry["frequency"] += scores["frequency"]["foreground_ap"] * n
             entry["magnitude_ratio"] += scores["magnitude"]["foreground_ratio"] * n
             entry["images"] = entry.get("images", 0) + n
-        seen += len(batch)
     return {name: {k: (v / e["images"] if k != "images" else v) for k, v in e.items()} for name, e in totals.items()}
 
 
