@@ -174,7 +174,7 @@ def cmd_models(args) -> None:
     from .models import list_models
     names = list_models(args.pattern, pretrained=args.pretrained)
     if not names:
-        raise ValueError(f"no {'shipped weights' if args.pretrained else 'model'} match {args.pattern!r}")
+        raise ValueError(f"no {'shipped weights match' if args.pretrained else 'model matches'} {args.pattern!r}")
     print("\n".join(names))
 
 

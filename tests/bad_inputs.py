@@ -106,7 +106,7 @@ CASES = [
     ("unknown option in YAML", train("--config", "{dir}/unknown.yaml"), "unknown training option(s) ['lrr']"),
     # data and output
     ("missing dataset", train(data="{dir}/missing"),
-     "is neither 'fashion_mnist', 'synthetic' nor an existing directory"),
+     "is neither 'fashion_mnist', 'digits', 'synthetic' nor an existing directory"),
     ("damaged image in an ImageFolder", train("--batch-size", "4", data="{dir}/images"), "cannot read image"),
     ("output that is a file", train(output="{dir}/afile"), "is a file; expected a directory for the run"),
     ("output under a file", train(output="{dir}/afile/run"), "lies under a file; expected a directory path"),

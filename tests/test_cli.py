@@ -94,7 +94,7 @@ def test_train_from_yaml_with_flag_override(tmp_path, capsys):
 
 def test_train_errors_are_one_line(tmp_path, capsys):
     code, _, err = run(capsys, "train", "--data", tmp_path / "missing", "--output", tmp_path / "r", "--no-progress")
-    assert code == 2 and "neither 'fashion_mnist', 'synthetic' nor an existing directory" in err
+    assert code == 2 and "neither 'fashion_mnist', 'digits', 'synthetic' nor an existing directory" in err
     code, _, err = run(capsys, "train", "--config", tmp_path / "nope.yaml")
     assert code == 2 and "config file not found" in err
     code, _, err = run(capsys, "train", "--model", "illama_tiny", "--output", tmp_path / "r")

@@ -33,7 +33,7 @@ def test_fashion_mnist_missing_says_how_to_install(tmp_path):
 
 
 def test_unknown_dataset_and_missing_folder():
-    with pytest.raises(DatasetError, match="neither 'fashion_mnist', 'synthetic' nor an existing directory"):
+    with pytest.raises(DatasetError, match="neither 'fashion_mnist', 'digits', 'synthetic' nor an existing directory"):
         build_dataset("/no/such/dir")
     with pytest.raises(ValueError, match="split must be 'train' or 'val'"):
         build_dataset("synthetic", "test")
@@ -90,3 +90,15 @@ def test_synthetic_is_deterministic_and_labelled():
     assert img.size == (32, 32) and label == 2
     with pytest.raises(ValueError, match="1 or 3 channels"):
         build_transform(TransformConfig(in_chans=4), is_training=False)
+
+
+def test_digits_is_scikit_learns_bundled_set_split_one_in_four():
+    from sklearn.datasets import load_digits
+
+    train, val = build_dataset("digits", "train"), build_dataset("digits", "val")
+    assert (len(train), len(val)) == (1347, 450) and train.classes == [str(d) for d in range(10)]
+    digits = load_digits()
+    img, label = val[3]   # item 12 of the bundled set
+    assert img.size == (8, 8) and img.mode == "L" and label == int(digits.target[12])
+    np.testing.assert_array_equal(np.asarray(img), np.round(digits.images[12] * 255 / 16).astype(np.uint8))
+    assert sorted(set(val.labels.tolist())) == list(range(10))

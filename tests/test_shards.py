@@ -84,4 +84,4 @@ def test_shard_command_writes_and_explains_bad_input(tmp_path, capsys):
     assert "train: 64 samples in 2 shard(s)" in capsys.readouterr().out
     assert len(build_dataset(str(tmp_path / "s"), "train")) == 64
     assert main(["shard", "--data", str(tmp_path / "nowhere"), "--output", str(tmp_path / "t")]) == 2
-    assert "is neither 'fashion_mnist', 'synthetic' nor an existing directory" in capsys.readouterr().err
+    assert "is neither 'fashion_mnist', 'digits', 'synthetic' nor an existing directory" in capsys.readouterr().err

@@ -86,6 +86,29 @@ class SyntheticImages(Dataset):
         return img, int(self.labels[index])
 
 
+class Digits(Dataset):
+    """scikit-learn's bundled handwritten digits (1,797 real 8x8 images, 17 grey levels, UCI; installed with
+    scikit-learn, no download), a second real dataset for transfer. Split: every 4th item (index % 4 == 0) is 'val'
+    (450 images), the rest 'train' (1,347); classes '0'..'9'. Items are (PIL 'L' image 8x8, label): the model's
+    transform resizes them."""
+
+    def __init__(self, train: bool = True, transform: Optional[Callable] = None):
+        from sklearn.datasets import load_digits
+        digits = load_digits()
+        keep = [i for i in range(len(digits.target)) if (i % 4 != 0) == train]
+        self.images = (torch.from_numpy(digits.images[keep]) * (255 / 16)).round().to(torch.uint8)
+        self.labels = torch.from_numpy(digits.target[keep]).long()
+        self.classes: List[str] = [str(d) for d in range(10)]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        img = Image.fromarray(self.images[index].numpy(), mode="L")
+        return (self.transform(img) if self.transform is not None else img), int(self.labels[index])
+
+
 def build_dataset(name: str, split: str = "train", transform: Optional[Callable] = None, **kwargs) -> Dataset:
     """Dataset by name or ImageFolder path; split 'train' or 'val' (Fashion-MNIST 'val' is its test set).
 
@@ -95,6 +118,8 @@ def build_dataset(name: str, split: str = "train", transform: Optional[Callable]
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if name == "fashion_mnist":
         return FashionMNIST(train=split == "train", transform=transform)
+    if name == "digits":
+        return Digits(train=split == "train", transform=transform)
     if is_shard_dir(name):
         return ShardDataset(name, split, transform, seed=kwargs.get("seed", 0), cycle=split == "train")
     if name == "synthetic":
@@ -103,7 +128,8 @@ def build_dataset(name: str, split: str = "train", transform: Optional[Callable]
                                img_size=kwargs.get("img_size", 32), in_chans=kwargs.get("in_chans", 3), seed=seed,
                                transform=transform)
     if not os.path.isdir(name):
-        raise DatasetError(f"dataset {name!r} is neither 'fashion_mnist', 'synthetic' nor an existing directory")
+        known = "'fashion_mnist', 'digits', 'synthetic'"
+        raise DatasetError(f"dataset {name!r} is neither {known} nor an existing directory")
     return image_folder(name, split, transform)
 
 

@@ -116,7 +116,7 @@ class TrainConfig(LoopConfig):
     drop_path: float = 0.0
     # data
     task: str = "image"                    # the inputs: image | points (clouds) | video (clips); docs/modalities.md
-    data: str = "fashion_mnist"            # 'fashion_mnist', 'synthetic' or a path (ImageFolder, point or clip folders)
+    data: str = "fashion_mnist"            # 'fashion_mnist', 'digits', 'synthetic' or a path (ImageFolder, ...)
     num_points: int = 1024                 # points: points per cloud (sampled from each file)
     num_frames: int = 8                    # video: frames per clip
     train_subset: int = 0                  # >0: use only the first N training images (smoke runs)
