@@ -281,6 +281,13 @@ def test_explicit_soft_mask_reuses_its_buffers_without_aliasing_its_outputs():
         second = attn_mod.explicit_soft_mask_attention(q * 2, k, v, 0.5)
         again = attn_mod._scratch(0, torch.Size((2, 3, 16, 16)), torch.float32, q.device)
     assert buffer.data_ptr() == again.data_ptr()   # one workspace across calls (and layers)
+    q.requires_grad_()
+    attn_mod._workspace.__dict__.pop("buffers")
+    with torch.inference_mode():   # eval under inference_mode first, then training, in one process
+        attn_mod.explicit_soft_mask_attention(q, k, v, 0.5)
+    attn_mod.explicit_soft_mask_attention(q, k, v, 0.5).sum().backward()
+    with torch.no_grad():
+        attn_mod.explicit_soft_mask_attention(q, k, v, 0.5)
     assert torch.equal(first, kept) and not torch.equal(first, second)
     assert attn_mod._scratch(0, torch.Size((attn_mod.WORKSPACE_MAX_BYTES // 4 + 1,)), torch.float32, q.device) is None
 

@@ -150,9 +150,11 @@ def _scratch(slot: int, shape: torch.Size, dtype: torch.dtype, device: torch.dev
     if numel * dtype.itemsize > WORKSPACE_MAX_BYTES:
         return None
     store = _workspace.__dict__.setdefault("buffers", {})
-    buffer = store.get((slot, dtype, device))
+    # a buffer made under inference_mode cannot be written outside it (and the reverse): one set per mode
+    key = (slot, dtype, device, torch.is_inference_mode_enabled())
+    buffer = store.get(key)
     if buffer is None or buffer.numel() < numel:
-        buffer = store[(slot, dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+        buffer = store[key] = torch.empty(numel, dtype=dtype, device=device)
     return buffer[:numel].view(shape)
 
 
