@@ -53,3 +53,16 @@ def pytest_generate_tests(metafunc):
             params = [pytest.param(None, id="no-fixtures", marks=pytest.mark.skip(
                 reason=f"no illama_*.pt parity fixtures in {FIXTURES_DIR} (expected <repo>/../shared/fixtures)"))]
         metafunc.parametrize("illama_fixture_path", params)
+
+
+@pytest.fixture(scope="session")
+def tiny_fm_run(tmp_path_factory) -> str:
+    """One epoch of a tiny iLLaMA (patch 7, D 32, depth 2) on the first 256 Fashion-MNIST training images: a real
+    classifier run directory for the tests of commands that read one (shape bias, shipped-weight releases)."""
+    from llamavit.cli import main
+    out = str(tmp_path_factory.mktemp("fm") / "illama")
+    assert main(["train", "--model", "illama_tiny_patch16_224", "--model-kwargs", "patch_size=7", "embed_dim=32",
+                 "depth=2", "num_heads=2", "--img-size", "28", "--in-chans", "1", "--data", "fashion_mnist",
+                 "--train-subset", "256", "--val-subset", "32", "--batch-size", "32", "--epochs", "1",
+                 "--no-progress", "--output", out]) == 0
+    return out

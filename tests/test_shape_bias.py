@@ -76,17 +76,7 @@ def test_bad_cue_conflict_inputs_are_one_line():
         shape_bias_score(torch.tensor([0]), torch.tensor([1]), torch.tensor([1]))
 
 
-@pytest.fixture(scope="module")
-def fm_run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("fm") / "illama")
-    assert main(["train", "--model", "illama_tiny_patch16_224", "--model-kwargs", "patch_size=7", "embed_dim=32",
-                 "depth=2", "num_heads=2", "--img-size", "28", "--in-chans", "1", "--data", "fashion_mnist",
-                 "--train-subset", "256", "--val-subset", "32", "--batch-size", "32", "--epochs", "1",
-                 "--no-progress", "--output", out]) == 0
-    return out
-
-
-def test_cli_shape_bias_of_two_models(fm_run, tmp_path, capsys):
+def test_cli_shape_bias_of_two_models(tiny_fm_run, tmp_path, capsys):
     other = str(tmp_path / "vit")
     assert main(["train", "--model", "timm:vit_tiny_patch16_224", "--model-kwargs", "patch_size=7", "embed_dim=32",
                  "depth=2", "num_heads=2", "--img-size", "28", "--in-chans", "1", "--data", "fashion_mnist",
@@ -94,7 +84,7 @@ def test_cli_shape_bias_of_two_models(fm_run, tmp_path, capsys):
                  "--no-progress", "--output", other]) == 0
     capsys.readouterr()
     out = str(tmp_path / "bias")
-    assert main(["analyze", "shape-bias", "--checkpoint", fm_run, other, "--count", "64", "--output", out]) == 0
+    assert main(["analyze", "shape-bias", "--checkpoint", tiny_fm_run, other, "--count", "64", "--output", out]) == 0
     printed = capsys.readouterr().out
     assert "fashion_mnist: 64 cue-conflict images (seed 0, texture window 8 px)" in printed
     result = json.load(open(os.path.join(out, "shape_bias.json")))
@@ -105,8 +95,8 @@ def test_cli_shape_bias_of_two_models(fm_run, tmp_path, capsys):
     assert os.path.getsize(os.path.join(out, "shape_bias_examples.png")) > 10_000
 
 
-def test_cli_shape_bias_refuses_another_dataset_in_one_line(fm_run, tmp_path, capsys):
-    assert main(["analyze", "shape-bias", "--checkpoint", fm_run, "--data", "synthetic", "--count", "8",
+def test_cli_shape_bias_refuses_another_dataset_in_one_line(tiny_fm_run, tmp_path, capsys):
+    assert main(["analyze", "shape-bias", "--checkpoint", tiny_fm_run, "--data", "synthetic", "--count", "8",
                  "--output", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "predicts 10 classes other than synthetic's: shape bias needs a model of the dataset's classes" in err

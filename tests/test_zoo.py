@@ -68,20 +68,9 @@ def test_pretrained_without_shipped_weights_is_one_line(capsys):
     assert "argument --checkpoint: not allowed with argument --model" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def fm_run(tmp_path_factory):
-    """A few steps of a tiny iLLaMA on Fashion-MNIST."""
-    out = str(tmp_path_factory.mktemp("fm") / "run")
-    assert main(["train", "--model", "illama_tiny_patch16_224", "--model-kwargs", "patch_size=7", "embed_dim=32",
-                 "depth=2", "num_heads=2", "--img-size", "28", "--in-chans", "1", "--data", "fashion_mnist",
-                 "--train-subset", "256", "--val-subset", "32", "--batch-size", "32", "--epochs", "1",
-                 "--no-progress", "--output", out]) == 0
-    return out
-
-
-def test_release_round_trip(fm_run, tmp_path, capsys):
+def test_release_round_trip(tiny_fm_run, tmp_path, capsys):
     weights = str(tmp_path / "weights")
-    own = release_weights(fm_run, "illama_test_patch7_28.smoke", "A test model.", "Trained by a test.",
+    own = release_weights(tiny_fm_run, "illama_test_patch7_28.smoke", "A test model.", "Trained by a test.",
                               ["llamavit train ..."], weights_dir=weights)
     folder = os.path.join(weights, "illama_test_patch7_28.smoke")
     assert zoo.shipped_weights(weights) == {"illama_test_patch7_28.smoke": folder}
@@ -90,14 +79,14 @@ def test_release_round_trip(fm_run, tmp_path, capsys):
     assert own["test_images"] == 10000 and own["recipe"]["train_subset"] == 256
     assert own["params"] == sum(p.numel() for p in llamavit.create_model("illama_test_patch7_28").parameters())
     model = llamavit.create_model("illama_test_patch7_28.smoke", pretrained=True).eval()
-    loader, _, _ = eval_loader(fm_run, subset=zoo.RECORDED_SUBSET)
+    loader, _, _ = eval_loader(tiny_fm_run, subset=zoo.RECORDED_SUBSET)
     assert evaluate(model, loader)["top1"] == pytest.approx(own["test_top1_first_1000"], abs=0.005)
     card = open(os.path.join(folder, zoo.CARD_NAME)).read()
     assert "# illama_test_patch7_28.smoke" in card and f"top-1 **{own['test_top1']:.2f} %**" in card
     assert "llamavit train ..." in card and "| `train_subset` | `256` |" in card
     with pytest.raises(ValueError, match="exists already; remove it to release illama_test_patch7_28.smoke again"):
-        release_weights(fm_run, "illama_test_patch7_28.smoke", "", "", [], weights_dir=weights)
+        release_weights(tiny_fm_run, "illama_test_patch7_28.smoke", "", "", [], weights_dir=weights)
     with pytest.raises(ValueError, match=r"release name 'Bad-Name' is not <architecture>.<tag>"):
-        release_weights(fm_run, "Bad-Name", "", "", [], weights_dir=weights)
+        release_weights(tiny_fm_run, "Bad-Name", "", "", [], weights_dir=weights)
     assert not [d for d in os.listdir(weights) if d.startswith(".tmp")]
     assert registry.shipped_folder("illama_test_patch7_28") == folder
