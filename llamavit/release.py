@@ -15,7 +15,7 @@ from .train import model_from_checkpoint
 from .train.checkpoint import resolve_checkpoint
 
 
-def write_card(folder: str, facts: Dict[str, Any]) -> str:
+def write_card(folder: str) -> str:
     """README.md of a shipped folder (its model card) from config.json's llamavit section. -> its path."""
     config = read_release(folder)
     own, cfg = config[OWN_SECTION], config["pretrained_cfg"]
@@ -24,7 +24,7 @@ def write_card(folder: str, facts: Dict[str, Any]) -> str:
     recipe = "\n".join(f"| `{k}` | `{json.dumps(v)}` |" for k, v in sorted(own.get("recipe", {}).items()))
     lines = [
         f"# {name}", "",
-        f"{facts.get('summary', own.get('summary', ''))}".strip(), "",
+        own.get("summary", ""), "",
         "```python",
         "import llamavit",
         f"model = llamavit.create_model(\"{name}\", pretrained=True).eval()   # or timm.create_model(...)",
@@ -99,5 +99,5 @@ def release_weights(checkpoint: str, name: str, summary: str, trained: str, repr
     if evaluate(rebuilt, first)["top1"] != first_scores["top1"]:
         shutil.rmtree(folder, ignore_errors=True)
         raise RuntimeError(f"{name} rebuilt from {folder} scores differently from {checkpoint}; removed it")
-    write_card(folder, {})
+    write_card(folder)
     return config[OWN_SECTION]

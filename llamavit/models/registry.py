@@ -18,6 +18,7 @@ from . import aim, dit_llama, illama, point_encoder, video_encoder, visionllama,
 from ..options import check_ranges, coerce
 from .convert import WEIGHTS_NAME, load_checkpoint
 from .frozen_llm import SMOLLM2_SHAPE
+from .timm_folder import OWN_SECTION
 from .weight_selection import select_from_llm
 
 # family -> (model class, config class); the model class carries its own checkpoint filter
@@ -215,7 +216,7 @@ def register_shipped(folder: str) -> str:
     name = os.path.basename(os.path.normpath(folder))
     architecture, tag = name.split(".")
     config = zoo.read_release(folder)
-    own, cfg = config[zoo.OWN_SECTION], config["pretrained_cfg"]
+    own, cfg = config[OWN_SECTION], config["pretrained_cfg"]
     base = own["base_model"]
     check_model_name(base)
     keep = ("input_size", "mean", "std", "crop_pct", "interpolation")

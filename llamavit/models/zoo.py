@@ -13,7 +13,7 @@ import os
 import re
 from typing import Any, Dict
 
-from .timm_folder import CONFIG_NAME, OWN_SECTION, is_timm_folder  # noqa: F401 (OWN_SECTION: the config's section)
+from .timm_folder import CONFIG_NAME, is_timm_folder
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")
 CARD_NAME = "README.md"
