@@ -249,8 +249,6 @@ def shipped_folder(name: str) -> str:
 
 
 SHIPPED: Dict[str, str] = {}   # '<architecture>.<tag>' -> folder of the weights llamavit ships (+ releases made since)
-for _folder in zoo.shipped_weights().values():
-    register_shipped(_folder)
 
 
 def list_models(pattern: str = "*", pretrained: bool = False) -> List[str]:
@@ -308,3 +306,7 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Union[str
     if init_from_llm is not None:
         model.llm_init_report = select_from_llm(model, init_from_llm)
     return model
+
+
+for _folder in zoo.shipped_weights().values():   # last: registering uses the functions above
+    register_shipped(_folder)
