@@ -25,8 +25,8 @@ RELEASES = {
         "trained": "The recipe of bench/fmnist_illama.py (configs/fmnist_illama.yaml: AdamW, cosine schedule, label "
                    "smoothing 0.1, random resized crop + flip, the soft mask decaying linearly over 2 epochs, bf16 "
                    "autocast where the CPU makes it faster) for a fixed 10 epochs (26 minutes on a 2-core Intel "
-                   "Xeon with AMX-BF16); the benchmark's 30-minute budget gives 23 epochs and 91.62 %. The options the run "
-                   "used are below.",
+                   "Xeon with AMX-BF16); the benchmark's 30-minute budget gives 23 epochs and 91.62 %. The "
+                   "options the run used are below.",
         "reproduce": ["make venv fashion-mnist",
                       "llamavit train --config configs/fmnist_illama.yaml --epochs 10 --output runs/fmnist_illama_zoo",
                       "python bench/release_weights.py illama"],
