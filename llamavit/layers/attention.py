@@ -129,11 +129,20 @@ def naive_soft_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return (probs * soft_mask_matrix(n, rate, q.device, probs.dtype)) @ v
 
 
-@functools.lru_cache(maxsize=16)
 def soft_mask_matrix(num_tokens: int, rate: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """M(r) = r + (1 - r) * tril(1), (N, N): what the soft mask multiplies the probabilities by (cached)."""
+    """M(r) = r + (1 - r) * tril(1), (N, N): what the soft mask multiplies the probabilities by (cached, except
+    when traced: a symbolic N has no hash)."""
+    if torch.compiler.is_compiling():
+        return _mask_matrix(num_tokens, rate, device, dtype)
+    return _cached_mask_matrix(num_tokens, rate, device, dtype)
+
+
+def _mask_matrix(num_tokens: int, rate: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     causal = torch.ones(num_tokens, num_tokens, device=device, dtype=dtype).tril()
-    return causal.mul_(1 - rate).add_(rate)
+    return causal * (1 - rate) + rate
+
+
+_cached_mask_matrix = functools.lru_cache(maxsize=16)(_mask_matrix)
 
 
 # The explicit form's N x N buffers come from one per-thread workspace reused across layers and calls: a fresh
@@ -146,6 +155,8 @@ _workspace = threading.local()
 
 def _scratch(slot: int, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
     """A reusable buffer of `shape` (its contents undefined), or None (allocate) when it would be too large."""
+    if torch.compiler.is_compiling():   # traced (compile, ONNX export): buffers are the compiler's to plan
+        return None
     numel = math.prod(shape)
     if numel * dtype.itemsize > WORKSPACE_MAX_BYTES:
         return None

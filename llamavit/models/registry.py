@@ -252,9 +252,10 @@ SHIPPED: Dict[str, str] = {}   # '<architecture>.<tag>' -> folder of the weights
 
 
 def list_models(pattern: str = "*", pretrained: bool = False) -> List[str]:
-    """llamavit model names matching a shell-style pattern, sorted; pretrained: the shipped weights'
-    `<architecture>.<tag>` names only."""
-    names = SHIPPED if pretrained else MODEL_FAMILY
+    """llamavit model names (the named configs) matching a shell-style pattern, sorted; pretrained: the shipped
+    weights' `<architecture>.<tag>` names instead."""
+    architectures = {n.split(".")[0] for n in SHIPPED}   # a shipped model's architecture is its base config
+    names = SHIPPED if pretrained else [n for n in MODEL_FAMILY if n not in architectures]
     return sorted(n for n in names if fnmatch.fnmatch(n, pattern))
 
 
