@@ -102,3 +102,25 @@ def test_digits_is_scikit_learns_bundled_set_split_one_in_four():
     assert img.size == (8, 8) and img.mode == "L" and label == int(digits.target[12])
     np.testing.assert_array_equal(np.asarray(img), np.round(digits.images[12] * 255 / 16).astype(np.uint8))
     assert sorted(set(val.labels.tolist())) == list(range(10))
+
+
+def test_shift_translates_by_at_most_n_pixels_with_zero_fill():
+    # one bright pixel in the middle of a black 28x28 image: after a shift of up to 2 px it lies within 2 px of
+    # the centre, every other pixel is the normalised black, and all 25 offsets occur
+    arr = np.zeros((28, 28), dtype=np.uint8)
+    arr[14, 14] = 255
+    img = Image.fromarray(arr, mode="L")
+    cfg = TransformConfig(img_size=28, in_chans=1, mean=(0.0,), std=(1.0,), shift=2, hflip=0.0)
+    tf = build_transform(cfg, is_training=True)
+    torch.manual_seed(0)
+    offsets = set()
+    for _ in range(300):
+        x = tf(img)
+        assert x.shape == (1, 28, 28)
+        bright = (x[0] > 0.5).nonzero().tolist()
+        assert len(bright) == 1 and x.sum().item() == pytest.approx(1.0)
+        offsets.add((bright[0][0] - 14, bright[0][1] - 14))
+    assert offsets == {(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)}
+    assert torch.equal(build_transform(cfg, is_training=False)(img)[0] > 0.5, torch.from_numpy(arr > 0))
+    with pytest.raises(ValueError, match="shift replaces timm's training pipeline"):
+        build_transform(TransformConfig(shift=2, re_prob=0.25), is_training=True)

@@ -170,3 +170,34 @@ def test_compiled_pretraining_follows_the_eager_curve(tmp_path):
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     for step in eager:
         assert compiled[step] == pytest.approx(eager[step], rel=1e-3, abs=1e-4)
+
+
+def supervised_cfg(tmp_path, name, **kwargs):
+    base = dict(model="illama_tiny_patch16_224", model_kwargs=dict(patch_size=8, embed_dim=32, depth=2, num_heads=2),
+                img_size=32, data="synthetic", train_subset=64, val_subset=16, batch_size=16, lr=1e-3,
+                warmup_epochs=0.5, output=str(tmp_path / name), progress=False, log_every=1)
+    return TrainConfig(**{**base, **kwargs})
+
+
+def test_a_fractional_schedule_ends_inside_an_epoch_and_evaluates(tmp_path):
+    summary = Trainer(supervised_cfg(tmp_path, "frac", epochs=1.5)).fit()   # 4 steps per epoch
+    assert summary["steps"] == 6 and summary["epochs"] == 1.5
+    assert "val_top1" in summary and 0 <= summary["val_top1"] <= 100
+    evaluated = [r["step"] for r in map(json.loads, open(tmp_path / "frac" / "log.jsonl")) if "val_top1" in r]
+    assert evaluated == [4, 6]   # the epoch end (eval_every 1) and the end of the schedule
+
+
+def test_a_schedule_re_planned_on_resume_follows_the_longer_plan(tmp_path):
+    # bench/fmnist_race.py's re-planning: stop at the epoch end of a 1.25-epoch plan, go on under a 2.5-epoch plan;
+    # the steps after the change follow the learning rates of a run planned for 2.5 epochs from the start
+    Trainer(supervised_cfg(tmp_path, "replan", epochs=1.25, max_steps=4)).fit()
+    Trainer(supervised_cfg(tmp_path, "replan", epochs=2.5, resume=True, allow_config_change=True)).fit()
+    Trainer(supervised_cfg(tmp_path, "planned", epochs=2.5)).fit()
+    lrs = {}
+    for name in ("replan", "planned"):
+        lrs[name] = {r["step"]: r["lr"] for r in map(json.loads, open(tmp_path / name / "log.jsonl")) if "lr" in r}
+    assert sorted(lrs["replan"]) == list(range(1, 11))
+    for step in range(5, 11):
+        assert lrs["replan"][step] == pytest.approx(lrs["planned"][step]), step
+    with pytest.raises(ValueError, match="--resume with other options.*epochs 2.5 -> 3"):
+        Trainer(supervised_cfg(tmp_path, "replan", epochs=3, resume=True)).fit()

@@ -19,6 +19,8 @@ class TransformConfig:
     re_prob: float = 0.0                        # random erasing
     crop_pct: float = 0.875
     interpolation: str = "bicubic"
+    shift: int = 0                              # >0: a random shift of up to this many pixels (zero fill)
+                                                # replaces the random-resized crop in training
 
 
 def _channels(values: Optional[Sequence[float]], default: Sequence[float], in_chans: int) -> Tuple[float, ...]:
@@ -50,6 +52,8 @@ def build_transform(cfg: TransformConfig, is_training: bool) -> Callable:
     if cfg.in_chans not in (1, 3):
         raise ValueError(f"image transforms support 1 or 3 channels, got in_chans={cfg.in_chans}")
     mean, std = rgb_normalization(cfg.mean, cfg.std, cfg.in_chans)
+    if is_training and cfg.shift > 0:
+        return shift_transform(cfg, mean, std)
     tf = create_transform(
         input_size=(3, cfg.img_size, cfg.img_size), is_training=is_training, scale=cfg.scale,
         hflip=cfg.hflip, vflip=0.0, color_jitter=None, auto_augment=cfg.auto_augment if is_training else None,
@@ -57,6 +61,18 @@ def build_transform(cfg: TransformConfig, is_training: bool) -> Callable:
         crop_pct=cfg.crop_pct)
     steps = [ToRGB(), tf] + ([FirstChannel()] if cfg.in_chans == 1 else [])
     return T.Compose(steps)
+
+
+def shift_transform(cfg: TransformConfig, mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """PIL image -> (in_chans, img_size, img_size): resized, shifted by up to cfg.shift pixels each way (the
+    uncovered border is zero before normalisation), flipped, normalised; the translation augmentation of small-image
+    recipes (e.g. ../shared/BASELINES.md's Fashion-MNIST ViT), without RandAugment or erasing."""
+    if cfg.auto_augment or cfg.re_prob:
+        raise ValueError("shift replaces timm's training pipeline: it does not combine with auto_augment or re_prob")
+    steps: List[Callable] = [ToRGB(), T.Resize((cfg.img_size, cfg.img_size)),
+                             T.RandomCrop(cfg.img_size, padding=cfg.shift), T.RandomHorizontalFlip(cfg.hflip),
+                             T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(steps + ([FirstChannel()] if cfg.in_chans == 1 else []))
 
 
 def generation_transform(img_size: int, in_chans: int, hflip: float = 0.0, native: int = 28) -> Callable:

@@ -72,7 +72,7 @@ LOOP_RANGES = {"epochs": (">", 0), "batch_size": (">", 0), "grad_accum_steps": (
 @dataclass
 class LoopConfig(Options):
     """The options of the step loop, shared by every trainer."""
-    epochs: int = 10
+    epochs: float = 10                     # fractions allowed: the schedule then ends inside an epoch
     # the GLOBAL batch: torchrun sets the world size and each rank trains on its slice, split again into
     # grad_accum_steps micro-batches, so the loss curve does not depend on how many processes run it
     batch_size: int = 128
@@ -128,6 +128,7 @@ class TrainConfig(LoopConfig):
     auto_augment: Optional[str] = None
     re_prob: float = 0.0
     crop_pct: float = 0.875
+    shift: int = 0                         # >0: random shift by up to N px instead of the random-resized crop
     # optimisation
     lr: float = 1e-3
     min_lr: float = 1e-6
@@ -165,8 +166,9 @@ class TrainConfig(LoopConfig):
     _ranges = {"lr": (">=", 0), "min_lr": (">=", 0), "warmup_epochs": (">=", 0), "warmup_lr": (">=", 0),
                "weight_decay": (">=", 0), "label_smoothing": ("in", (0, 1)), "mixup": (">=", 0),
                "cutmix": (">=", 0), "drop_path": ("in", (0, 1)), "hflip": ("in", (0, 1.001)),
-               "re_prob": ("in", (0, 1.001)), "crop_pct": ("in", (0.001, 1.001)), "scale": ("sorted", None),
-               "betas": ("each in", (0, 1)), "soft_mask_epochs": (">=", 0), "eval_every": (">", 0),
+               "re_prob": ("in", (0, 1.001)), "crop_pct": ("in", (0.001, 1.001)), "shift": (">=", 0),
+               "scale": ("sorted", None), "betas": ("each in", (0, 1)), "soft_mask_epochs": (">=", 0),
+               "eval_every": (">", 0),
                "train_subset": (">=", 0), "val_subset": (">=", 0), "img_size": (">", 0), "in_chans": (">", 0),
                "num_points": (">", 0), "num_frames": (">", 0),
                "drop_cutoff_epochs": (">=", 0), "layer_decay": ("fraction", None), "lora_rank": (">=", 0),

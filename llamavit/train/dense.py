@@ -129,7 +129,7 @@ class DenseTrainer(StepLoop):
 
     def after_step(self) -> None:
         epoch, rest = divmod(self.step, self.steps_per_epoch)
-        if rest == 0 and (epoch % self.cfg.eval_every == 0 or self.step == self.total_steps):
+        if (rest == 0 and epoch % self.cfg.eval_every == 0) or self.step == self.total_steps:
             self.last_eval = self.evaluate()
             scalars = {k: v for k, v in self.last_eval.items() if not isinstance(v, dict)}
             self.log({"step": self.step, "epoch": self.step / self.steps_per_epoch, **scalars})

@@ -256,7 +256,7 @@ class StepLoop:
             self.train_set = train_set if isinstance(train_set, TensorDataset) else SeededAugmentation(train_set,
                                                                                                        cfg.seed)
         self.steps_per_epoch = len(train_set) // cfg.batch_size
-        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.total_steps = max(1, round(cfg.epochs * self.steps_per_epoch))
 
     def init_training(self, module: nn.Module, model: Optional[nn.Module] = None, lr: float = 1e-3,
                       weight_decay: float = 0.0, betas: Tuple[float, float] = (0.9, 0.999),

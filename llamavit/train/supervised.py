@@ -37,7 +37,7 @@ def transform_config(cfg: TrainConfig) -> TransformConfig:
         mean, std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
     return TransformConfig(img_size=cfg.img_size, in_chans=cfg.in_chans, mean=mean, std=std, scale=cfg.scale,
                            hflip=cfg.hflip, auto_augment=cfg.auto_augment, re_prob=cfg.re_prob,
-                           crop_pct=cfg.crop_pct)
+                           crop_pct=cfg.crop_pct, shift=cfg.shift)
 
 
 TASK_INPUTS = {"points": ("num_points", "in_chans"), "video": ("num_frames", "img_size", "in_chans")}
@@ -190,7 +190,7 @@ class Trainer(StepLoop):
 
     def after_step(self) -> None:
         epoch, rest = divmod(self.step, self.steps_per_epoch)
-        if rest == 0 and (epoch % self.cfg.eval_every == 0 or self.step == self.total_steps):
+        if (rest == 0 and epoch % self.cfg.eval_every == 0) or self.step == self.total_steps:
             self.last_eval = self.evaluate()
             self.log({"step": self.step, "epoch": self.step / self.steps_per_epoch, **self.last_eval})
             if self.is_main:
