@@ -79,6 +79,8 @@ def run_arm(arm: str, seed: int, budget_s: float, output: str, smoke: bool, t0: 
     plans, segments, done, summary, trainer = [], [], 0, {}, None
     while True:
         total = plan_steps(done, budget_s - (time.perf_counter() - t0), step_s, eval_s)
+        if trainer is None:   # a budget too small for one epoch still trains a few steps (smoke runs)
+            total = max(total, 2)
         if total <= done:
             break
         epochs = total / steps_per_epoch
@@ -94,9 +96,10 @@ def run_arm(arm: str, seed: int, budget_s: float, output: str, smoke: bool, t0: 
         began, before = time.perf_counter(), done
         summary = trainer.fit()
         done = trainer.step
-        seconds = time.perf_counter() - began - (eval_s if done == total else 0.0)
-        segments.append({"steps": done - before, "seconds": seconds})
-        step_s = 1.03 * max(g["seconds"] / g["steps"] for g in segments)
+        segments.append({"steps": done - before, "seconds": time.perf_counter() - began,   # incl. a final evaluation
+                         "evaluated": done == total})
+        step_s = 1.03 * max(g["seconds"] / g["steps"] for g in segments if not g["evaluated"]) if any(
+            not g["evaluated"] for g in segments) else step_s
         if done == total and plan_steps(done, budget_s - (time.perf_counter() - t0), step_s, eval_s) <= done:
             break
     if "val_top1" not in summary:   # the last re-plan shortened the run: it ended without its final evaluation

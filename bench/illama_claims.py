@@ -42,7 +42,11 @@ TRANSFER_RECIPE = {"data": "digits", "img_size": 28, "in_chans": 1, "scale": [0.
                    "log_every": 7, "keep_checkpoints": 1, "progress": False, **FASHION_MNIST_STATS}
 
 
-def mean_std(values: List[float]) -> Dict[str, float]:
+def mean_std(values: List[Optional[float]]) -> Optional[Dict[str, float]]:
+    """Mean, std and count of the values that exist (None where none does)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "n": len(values)}
 
@@ -50,8 +54,12 @@ def mean_std(values: List[float]) -> Dict[str, float]:
 def verdict(a: Dict[str, float], b: Dict[str, float], better: str = "higher") -> Dict[str, Any]:
     """Whether a beats b: the difference of the means, the larger seed spread, and 'holds' (beyond the spread),
     'does not hold' (the other way beyond the spread) or 'not established' (within it)."""
+    if a is None or b is None:
+        return {"difference": None, "spread": None, "verdict": "not measured"}
     diff = a["mean"] - b["mean"] if better == "higher" else b["mean"] - a["mean"]
     spread = max(a["std"], b["std"])
+    if min(a["n"], b["n"]) < 2:
+        return {"difference": diff, "spread": None, "verdict": "not established (one seed)"}
     state = "holds" if diff > spread else "does not hold" if diff < -spread else "not established (within spread)"
     return {"difference": diff, "spread": spread, "verdict": state}
 
@@ -134,9 +142,10 @@ def soft_mask(args) -> None:
         "budget": merged["budget"], "seeds": list(args.seeds), "arms": rows, "comparisons": claims,
         "smoke": args.smoke, "runs_dir": out})
     for name, row in rows.items():
+        losses = " / ".join("-" if row[k] is None else f"{row[k]['mean']:.4f}"
+                            for k in ("loss_first_sixth", "loss_second_sixth", "loss_last_sixth"))
         print(f"{name:14s} top-1 {row['top1']['mean']:.2f} ± {row['top1']['std']:.2f}  loss 1st/2nd/last sixth "
-              f"{row['loss_first_sixth']['mean']:.4f} / {row['loss_second_sixth']['mean']:.4f} / "
-              f"{row['loss_last_sixth']['mean']:.4f}")
+              f"{losses}")
     print(json.dumps(claims, indent=1))
 
 

@@ -3,6 +3,7 @@ illama-ladder|aim`: argument definitions and thin command bodies (the work is in
 llamavit.ablation)."""
 import argparse
 import os
+from typing import Dict, List
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 LADDER_CONFIG = os.path.join(CONFIGS, "ladder_illama.yaml")
@@ -131,6 +132,19 @@ def add_ablate_parser(sub) -> None:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
 
 
+def short_names(paths: List[str]) -> Dict[str, str]:
+    """Each path's shortest trailing components that tell it from the others (runs/a/seed0, runs/b/seed0 ->
+    a/seed0, b/seed0). A checkpoint given twice is refused."""
+    parts = {p: os.path.normpath(p).split(os.sep) for p in paths}
+    if len({os.path.normpath(p) for p in paths}) < len(paths):
+        raise ValueError(f"a checkpoint is given twice: {' '.join(paths)}")
+    for k in range(1, max(len(v) for v in parts.values()) + 1):
+        names = {p: "/".join(v[-k:]) for p, v in parts.items()}
+        if len(set(names.values())) == len(names):
+            return names
+    return {p: os.path.normpath(p) for p in paths}
+
+
 def _shape_bias(args) -> None:
     """analyze shape-bias: one cue-conflict set, every checkpoint's score."""
     import torch
@@ -152,7 +166,7 @@ def _shape_bias(args) -> None:
     result = {"set": {"data": data, "count": count, "seed": args.seed, "threshold": args.threshold,
                       "patch": args.patch, "shape_labels": cue["shape_labels"].tolist(),
                       "texture_labels": cue["texture_labels"].tolist()}, "models": {}}
-    predictions = {}
+    predictions, names = {}, short_names(args.checkpoint)
     for path in args.checkpoint:
         model_classes = read_meta(path).get("classes")
         if model_classes and list(model_classes) != classes:
@@ -163,8 +177,7 @@ def _shape_bias(args) -> None:
         x = classifier_inputs(cue["images"], tcfg.img_size, tcfg.in_chans, tcfg.mean, tcfg.std)
         with torch.no_grad():
             predicted = torch.cat([model(chunk).argmax(-1) for chunk in x.split(256)])
-        name = os.path.basename(os.path.normpath(path))
-        name = name if name not in predictions else path
+        name = names[path]
         predictions[name] = predicted
         result["models"][name] = {"checkpoint": path, **shape_bias_score(predicted, cue["shape_labels"],
                                                                          cue["texture_labels"], classes)}

@@ -101,3 +101,13 @@ def test_cli_shape_bias_refuses_another_dataset_in_one_line(tiny_fm_run, tmp_pat
     err = capsys.readouterr().err
     assert "predicts 10 classes other than synthetic's: shape bias needs a model of the dataset's classes" in err
     assert "Traceback" not in err
+
+
+def test_models_are_named_by_the_shortest_path_tails_that_differ():
+    from llamavit.cli_analyses import short_names
+    assert short_names(["runs/race/illama/seed0", "runs/race/vit/seed0", "runs/race/illama/seed1"]) == {
+        "runs/race/illama/seed0": "illama/seed0", "runs/race/vit/seed0": "vit/seed0",
+        "runs/race/illama/seed1": "illama/seed1"}
+    assert short_names(["a/run", "b/other/"]) == {"a/run": "run", "b/other/": "other"}
+    with pytest.raises(ValueError, match="a checkpoint is given twice: x/run x/run/"):
+        short_names(["x/run", "x/run/"])

@@ -116,7 +116,8 @@ def save_shape_bias_report(result: Dict[str, Any], images: torch.Tensor, predict
     n = min(examples, len(images))
     cols = min(n, 6)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, (2.3 + 0.22 * (1 + len(predictions))) * rows),
+                             squeeze=False)
     shape_labels, texture_labels = result["set"]["shape_labels"], result["set"]["texture_labels"]
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
