@@ -37,7 +37,7 @@ TRANSFER_MODES = {"full": {"lr": 5e-4}, "linear": {"lr": 5e-3, "trainable": ["he
                   "lora": {"lr": 2e-3, "lora_rank": 8, "lora_targets": ["qkv", "proj", "mlp"]},
                   "scratch": {"lr": 2e-3}}
 TRANSFER_RECIPE = {"data": "digits", "img_size": 28, "in_chans": 1, "scale": [0.75, 1.0], "hflip": 0.0,
-                   "crop_pct": 1.0, "batch_size": 64, "epochs": 10, "warmup_epochs": 1.0, "min_lr": 1e-6,
+                   "crop_pct": 1.0, "batch_size": 64, "epochs": 8, "warmup_epochs": 1.0, "min_lr": 1e-6,
                    "weight_decay": 0.05, "betas": [0.9, 0.99], "clip_grad": 1.0, "label_smoothing": 0.1,
                    "log_every": 7, "keep_checkpoints": 1, "progress": False, **FASHION_MNIST_STATS}
 

@@ -98,7 +98,7 @@ CASES = [
      "the training set has 64 images, fewer than one batch of 1000"),
     ("YAML value of the wrong type", ["train", "--config", "{dir}/three.yaml", *MODEL, "--data", "synthetic",
                                       "--output", "{dir}/out"],
-     "training option epochs must be an integer, got 'three'"),
+     "training option epochs must be a number, got 'three'"),
     ("YAML file that is not a mapping", train("--config", "{dir}/list.yaml"), "must hold a mapping of option: value"),
     ("invalid YAML", train("--config", "{dir}/broken.yaml"), "is not valid YAML"),
     ("missing config file", train("--config", "{dir}/nope.yaml"), "config file not found"),

@@ -99,6 +99,8 @@ class LoopConfig(Options):
 
     def __post_init__(self):
         self._check(**{**LOOP_RANGES, **self._ranges})
+        if self.epochs == int(self.epochs):   # whole epochs stay an int: in messages, JSON and earlier runs' configs
+            self.epochs = int(self.epochs)
         if self.fsdp and self.ema_decay > 0:
             raise ValueError("EMA of an FSDP-sharded model is not supported: use ema_decay=0 with --fsdp")
 
