@@ -223,7 +223,7 @@ def transfer_worker(arm: str, seed: int, mode: str, out: str, race_dir: str, smo
     from llamavit.train import TrainConfig, Trainer, finetune, finetune_config
     torch.set_num_threads(1)
     run_dir = os.path.join(out, f"{arm}_seed{seed}", mode)
-    options = {**TRANSFER_RECIPE, **{k: v for k, v in TRANSFER_MODES[mode].items()}, "seed": seed,
+    options = {**TRANSFER_RECIPE, **TRANSFER_MODES[mode], "seed": seed,
                "output": run_dir, "resume": True, **({"epochs": 1} if smoke else {})}
     if mode == "scratch":   # the race arm's own model and attention schedule, fresh weights
         race_cfg = json.load(open(os.path.join(race_run(arm, seed, race_dir), "config.json")))
