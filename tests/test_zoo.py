@@ -1,6 +1,7 @@
 """The weights llamavit ships (llamavit/weights/, models/zoo.py): each reproduces its recorded top-1, loads by name
 through llamavit, timm and the CLI; a release from a run round-trips; wrong names are one line."""
 import os
+import re
 
 import pytest
 import timm
@@ -59,7 +60,7 @@ def test_shipped_weights_load_by_name_everywhere(name, capsys):
 def test_pretrained_without_shipped_weights_is_one_line(capsys):
     with pytest.raises(ValueError, match=r"no shipped weights named 'illama_tiny_patch16_224'; llamavit downloads "
                                          r"no weights; pass checkpoint_path=<official or llamavit checkpoint file>, "
-                                         r"or take weights it ships: illama_fmnist"):
+                                         r"or take weights it ships: " + re.escape(", ".join(sorted(SHIPPED)))):
         llamavit.create_model("illama_tiny_patch16_224", pretrained=True)
     assert main(["predict", "x.png", "--model", "illama_nope.fmnist"]) == 2
     assert "no shipped weights named 'illama_nope.fmnist'" in capsys.readouterr().err
