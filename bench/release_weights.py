@@ -61,7 +61,8 @@ RELEASES = {
                    "epochs) then fine-tuning of every weight (configs/fmnist_mae_finetune.yaml: the supervised "
                    "recipe of bench/fmnist_illama for 1 epoch, sized to one session's CPU time; bench/fmnist_mae.py's "
                    "MAE arm fine-tunes for 3 and measured 88.97 % against 87.57 % from scratch in the same 20 "
-                   "minutes). On one thread of a 2-core AMD EPYC (AVX2, fp32). The options of the fine-tuning run are below.",
+                   "minutes). On one thread of a 2-core AMD EPYC (AVX2, fp32). The options of the fine-tuning run "
+                   "are below.",
         "reproduce": ["make venv fashion-mnist",
                       "llamavit pretrain mae --config configs/fmnist_mae_pretrain.yaml",
                       "llamavit finetune --config configs/fmnist_mae_finetune.yaml "
