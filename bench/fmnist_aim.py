@@ -21,18 +21,18 @@ import torch
 from pretrain_timing import pretrain_vs_supervised_step  # bench/ helper
 
 from llamavit.train import PretrainConfig, Pretrainer
+from llamavit.train.config import yaml_values
 from llamavit.train.probe import ProbeConfig, Prober
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TRUNK = dict(patch_size=4, embed_dim=96, depth=6, num_heads=3, probe_layers=3)
+# the trunk and recipe live in the config the released weights are made with; the benchmark sizes the epochs
+RECIPE = os.path.join(HERE, "..", "configs", "fmnist_aim_pretrain.yaml")
+TRUNK = yaml_values(RECIPE)["model_kwargs"]
 
 
 def pretrain_config(args, epochs: int, output: str) -> PretrainConfig:
-    return PretrainConfig(model="aim_600m_patch14_224", model_kwargs=TRUNK, img_size=28, in_chans=1,
-                          decoder_dim=192, decoder_depth=2, epochs=epochs, batch_size=128, lr=2e-3,
-                          train_subset=args.train_subset, output=output, progress=not args.smoke, log_every=20,
-                          keep_checkpoints=1000)
-
+    return PretrainConfig.from_yaml(RECIPE, epochs=epochs, train_subset=args.train_subset, output=output,
+                                    progress=not args.smoke, log_every=20, keep_checkpoints=1000)
 
 
 def probe(args, checkpoint=None, output="") -> dict:

@@ -45,7 +45,16 @@ BACKBONES = {
     "illama": ("illama_small_patch16_224", {}, "simple", 96, (), 16),
     "aim": ("aim_600m_patch14_224", dict(embed_dim=384, depth=12, num_heads=6, probe_layers=6), "simple", 98, ("aim",),
             14),
+    # CPU-sized: the shipped Fashion-MNIST models' trunks (patch 4, width 96, 6 blocks), stride 4 at 96 px
+    "illama_p4": ("illama_tiny_patch16_224", dict(patch_size=4, embed_dim=96, depth=6, num_heads=3, mlp_ratio=4.0),
+                  "simple", 96, ("zoo",), 32),
+    "visionllama_p4": ("visionllama_small_patch16_224",
+                       dict(patch_size=4, embed_dim=96, depth=6, num_heads=3, class_token=False, global_pool="avg",
+                            rope_auto_scale=True), "simple", 96, ("zoo",), 32),
 }
+# 'zoo' initialises a CPU-sized arm from the weights llamavit ships for its trunk (trained on all of Fashion-MNIST
+# at 28 px: bench/release_weights.py), instead of a classification run of --pretrain-minutes
+ZOO = {"illama_p4": "illama_fmnist_patch4_28.fmnist", "visionllama_p4": "visionllama_fmnist_patch4_28.fmnist_mae"}
 SEG_RECIPE = dict(head="fpn", batch_size=16, lr=4e-4, weight_decay=0.05, warmup_steps=50, schedule="poly",
                   drop_path=0.1, aux_head=True)
 DET_RECIPE = dict(detector="fcos", fpn_channels=128, batch_size=16, lr=2e-4, weight_decay=0.05, warmup_steps=50,
@@ -105,7 +114,7 @@ def pretrain(backbone: str, objective: str, args) -> str:
 def train_arm(task: str, recipe: dict, trainer_cls, cfg_cls, backbone: str, init: str, args):
     """Train one arm of `task` with `recipe`, sized to --minutes; -> (trainer, the record's shared fields)."""
     name, kwargs, pyramid, size = BACKBONES[backbone][:4]
-    checkpoint = None if init == "scratch" else pretrain(backbone, init, args)
+    checkpoint = None if init == "scratch" else ZOO[backbone] if init == "zoo" else pretrain(backbone, init, args)
     options = dict(recipe, amp=args.amp, data=args.scenes, backbone=name, backbone_kwargs=kwargs, pyramid=pyramid,
                    img_size=size, backbone_checkpoint=checkpoint,
                    output=os.path.join(args.workdir, f"{task}-{backbone}-{init}"), progress=False, log_every=50,
@@ -117,7 +126,9 @@ def train_arm(task: str, recipe: dict, trainer_cls, cfg_cls, backbone: str, init
               "epochs": epochs, "steps": summary["steps"], "train_seconds": summary["train_seconds"],
               "final_train_loss": summary["final_train_loss"], "recipe": {**recipe, "amp": args.amp},
               "minutes": args.minutes, "pretrain_run": checkpoint}
-    if checkpoint:
+    if init == "zoo":
+        record["pretrain"] = {"objective": "shipped weights", "name": checkpoint}
+    elif checkpoint:
         with open(os.path.join(checkpoint, "summary.json")) as f:
             pre = json.load(f)
         record["pretrain"] = {"objective": init, "img_size": pretrain_size(backbone, args), "steps": pre["steps"],
@@ -181,9 +192,9 @@ def main():
     ap.add_argument("--arms", nargs="*", default=list(BACKBONES), choices=list(BACKBONES),
                     help="backbones (none: only the detection arms of the results so far)")
     ap.add_argument("--inits", nargs="+", default=["scratch", "pretrained"],
-                    choices=["scratch", "cls", "aim", "mae", "pretrained"],
+                    choices=["scratch", "cls", "aim", "mae", "zoo", "pretrained"],
                     help="cls: a classification run; aim / mae: those pre-trainings where the family has them; "
-                         "pretrained: cls and the family's own")
+                         "zoo: the shipped weights (the *_p4 arms); pretrained: every one the backbone has")
     ap.add_argument("--minutes", type=float, default=6.0, help="training budget per arm")
     ap.add_argument("--pretrain-minutes", type=float, default=8.0, help="budget per pre-training run")
     ap.add_argument("--pretrain-size", type=int, default=0,
@@ -210,7 +221,7 @@ def main():
     manifest = build_scenes(args.scenes, scene_cfg)
     results = {} if args.smoke or not os.path.isfile(args.results) else json.load(open(args.results)).get("arms", {})
     for backbone in args.arms:
-        own = ("cls", *BACKBONES[backbone][4])
+        own = BACKBONES[backbone][4] if backbone in ZOO else ("cls", *BACKBONES[backbone][4])
         inits = [i for i in ("scratch", *own) if i in args.inits or (i != "scratch" and "pretrained" in args.inits)]
         for init in inits:
             key = f"segment/{backbone}/{init}"

@@ -2,7 +2,8 @@
 
 For each pair (llamavit model, timm peer of the same width and FLOPs class), measured in interleaved
 rounds (bench/throughput.py helpers; medians over the rounds where other processes were quiet):
-- eval throughput (img/s, inference_mode) and train-step throughput (forward + backward + AdamW);
+- eval throughput (img/s, inference_mode) and train-step throughput (forward + backward + AdamW), and both
+  per FLOP (the ratio times ours / the peer's FLOPs: how fast each does the same work);
 - forward FLOPs per image (torch.utils.flop_counter) and the fraction of the fp32 matmul peak
   measured in the same process (a big torch.mm) that eval reaches;
 - training memory per image: bytes of the activations autograd saves for backward (saved-tensor hooks,
@@ -10,7 +11,8 @@ rounds (bench/throughput.py helpers; medians over the rounds where other process
   state bytes;
 - with --compile, the same throughputs of torch.compile'd models;
 - with --profile, for every pair where ours misses a target (eval < 1.0x the peer or < 80 % of the
-  matmul peak): torch.profiler's top ops (self CPU ms per forward) of both models, eager eval.
+  matmul peak): torch.profiler's top ops (self CPU ms per forward) of both models, eager eval; where the
+  train step is < 0.95x the peer: its forward / backward / AdamW split and top ops and backward functions.
 Prints a markdown table; writes bench/results/suite.json (or --out).
 
     python bench/suite.py                 # named tiny/small sizes, batch 32, 2 threads (~15 min quiet)
@@ -105,10 +107,47 @@ def train_step_fn(model: nn.Module, batch: int) -> Callable[[], None]:
         opt.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
         opt.step()
+    step.parts = (opt, x, y, loss_fn)
     return step
 
 
-EVAL_RATIO_TARGET, PEAK_FRACTION_TARGET = 1.0, 0.8
+def profile_train(model: nn.Module, batch: int, iters: int = 2, top: int = 10) -> dict:
+    """Where one train step (B = batch, 224^2) goes: median forward / backward / AdamW ms, the top ops by self CPU
+    ms per step, and the top backward functions by total ms per step (autograd nodes, their ops included)."""
+    from torch.profiler import ProfilerActivity, profile
+    step = train_step_fn(model, batch)
+    opt, x, y, loss_fn = step.parts
+    model.train()
+    step()   # warm-up
+    phases = {"forward": [], "backward": [], "optimizer": []}
+    for _ in range(iters + 1):
+        opt.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        loss = loss_fn(model(x), y)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        opt.step()
+        t3 = time.perf_counter()
+        for key, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
+            phases[key].append(seconds * 1e3)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    ops = sorted((e for e in events if not e.key.startswith("autograd::")), key=lambda e: -e.self_cpu_time_total)
+    nodes = sorted((e for e in events if e.key.startswith("autograd::engine::evaluate_function: ")),
+                   key=lambda e: -e.cpu_time_total)
+    return {"phases_ms": {k: sorted(v)[len(v) // 2] for k, v in phases.items()},
+            "top_ops": [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1e3 / iters,
+                         "self_pct": 100.0 * e.self_cpu_time_total / total, "calls_per_step": e.count / iters}
+                        for e in ops[:top]],
+            "top_backward": [{"node": e.key.split(": ", 1)[1], "ms_per_step": e.cpu_time_total / 1e3 / iters,
+                              "calls_per_step": e.count / iters} for e in nodes[:top]]}
+
+
+EVAL_RATIO_TARGET, PEAK_FRACTION_TARGET, TRAIN_RATIO_TARGET = 1.0, 0.8, 0.95
 
 
 def bench_pair(pair, batch: int, rounds: int, max_seconds: float, peak: float, compile_: bool,
@@ -140,14 +179,21 @@ def bench_pair(pair, batch: int, rounds: int, max_seconds: float, peak: float, c
         o, p = res["models"][ours], res["models"][peer]
         res[f"{variant}_eval_ratio"] = o[f"{variant}_eval_img_s"] / p[f"{variant}_eval_img_s"]
         res[f"{variant}_train_ratio"] = o[f"{variant}_train_img_s"] / p[f"{variant}_train_img_s"]
+        flops = o["gflop_per_img"] / p["gflop_per_img"]   # per FLOP: the ratio of work done per second
+        res[f"{variant}_eval_per_flop_ratio"] = res[f"{variant}_eval_ratio"] * flops
+        res[f"{variant}_train_per_flop_ratio"] = res[f"{variant}_train_ratio"] * flops
     o = res["models"][ours]
     res["missed_targets"] = [name for name, missed in (
         ("eval_ratio", res["eager_eval_ratio"] < EVAL_RATIO_TARGET),
-        ("frac_matmul_peak", o["eager_eval_frac_matmul_peak"] < PEAK_FRACTION_TARGET)) if missed]
-    if profile and res["missed_targets"]:
+        ("frac_matmul_peak", o["eager_eval_frac_matmul_peak"] < PEAK_FRACTION_TARGET),
+        ("train_ratio", res["eager_train_ratio"] < TRAIN_RATIO_TARGET)) if missed]
+    if profile and set(res["missed_targets"]) - {"train_ratio"}:
         for name, m in models.items():
             m.eval()
             res["models"][name]["profile_top_ops"] = profile_ops(m, x, iters=2, top=10)
+    if profile and "train_ratio" in res["missed_targets"]:
+        for name, m in models.items():
+            res["models"][name]["profile_train"] = profile_train(m, batch)
     return res
 
 
@@ -155,7 +201,7 @@ def markdown(res: dict) -> str:
     variants = ["eager"] + (["compiled"] if res["compile"] else [])
     head = "| group | model | params | GFLOP/img | act. MB/img | " + " | ".join(
         f"{v} eval img/s | {v} % peak | {v} train img/s" for v in variants) + " | " + " | ".join(
-        f"{v} {k} ratio" for v in variants for k in ("eval", "train")) + " |"
+        f"{v} {k} ratio" for v in variants for k in ("eval", "train")) + " | eager per-FLOP eval / train |"
     lines = [f"Suite on {res['machine']['cpu']}, {res['machine']['threads']} threads, batch {res['batch']}, "
              f"fp32; matmul peak {res['matmul_peak']['gflops_per_s']:.0f} GFLOP/s", "", head,
              "|" + "---|" * (head.count("|") - 1)]
@@ -168,7 +214,9 @@ def markdown(res: dict) -> str:
                                for v in variants for k in ("eval", "train"))
             lines.append(f"| {pair['group'] if name == pair['ours'] else ''} | {name} | {m['params'] / 1e6:.1f}M | "
                          f"{m['gflop_per_img']:.2f} | {m['saved_activation_mb_per_img']:.1f} | " + " | ".join(cells) +
-                         f" | {ratios} |")
+                         f" | {ratios} | " + (f"{pair['eager_eval_per_flop_ratio']:.2f}x / "
+                                              f"{pair['eager_train_per_flop_ratio']:.2f}x" if name == pair["ours"]
+                                              else "") + " |")
     for pair in res["pairs"]:
         if pair.get("missed_targets"):
             lines.append(f"\n{pair['group']} misses {', '.join(pair['missed_targets'])}.")
@@ -178,6 +226,12 @@ def markdown(res: dict) -> str:
                 lines.append(f"- {name}: " + ", ".join(
                     f"{o['op']} {o['self_ms_per_fwd']:.0f} ms ({o['self_pct']:.0f}%, {o['calls_per_fwd']:.0f} calls)"
                     for o in ops[:8]))
+            train = pair["models"][name].get("profile_train")
+            if train:
+                lines.append(f"- {name} train step: " + ", ".join(
+                    f"{k} {v:.0f} ms" for k, v in train["phases_ms"].items()) + "; ops " + ", ".join(
+                    f"{o['op']} {o['self_ms_per_step']:.0f} ms" for o in train["top_ops"][:6]) + "; backward "
+                    + ", ".join(f"{b['node']} {b['ms_per_step']:.0f} ms" for b in train["top_backward"][:6]))
     return "\n".join(lines)
 
 

@@ -18,7 +18,8 @@ from llamavit.cli import main
 from llamavit.data.scenes import SceneConfig, build_scenes
 from llamavit.dense import (BackboneConfig, MultiLevelNeck, SegmenterConfig, SimpleFeaturePyramid, create_backbone,
                             create_head, create_segmenter, default_block_indices, predict_logits, slide_logits)
-from llamavit.dense.pyramid import load_trunk_weights, native_levels
+from llamavit.dense.pyramid import level_scales, load_trunk_weights, native_levels
+from llamavit.errors import CheckpointError
 from llamavit.eval.segmentation import SegmentationEvaluator, metrics_from_confusion
 from llamavit.objectives import IGNORE_INDEX, SegmentationObjective
 from llamavit.train.detect import DetectConfig
@@ -38,6 +39,9 @@ FAMILIES = [
     ("aim_600m_patch14_224", dict(TINY_PLAIN, probe_layers=2), "simple", 56, [3.5, 7, 14, 28], [32] * 4),
     ("aim_600m_patch14_224", dict(TINY_PLAIN, probe_layers=2), "multilevel", 56, [3.5, 7, 14, 28], [64] * 4),
     ("vit_tiny_patch16_224", dict(depth=2), "simple", 64, [4, 8, 16, 32], [32] * 4),
+    # finer patches still give strides 4..32 (identity / pooling instead of deconvolutions)
+    ("illama_tiny_patch16_224", dict(TINY_PLAIN, patch_size=4), "simple", 64, [4, 8, 16, 32], [32] * 4),
+    ("visionllama_small_patch16_224", dict(TINY_PLAIN, patch_size=8), "multilevel", 64, [4, 8, 16, 32], [64] * 4),
     ("resnet18", {}, "auto", 64, [4, 8, 16, 32], [64, 128, 256, 512]),
 ]
 
@@ -109,6 +113,26 @@ def test_multilevel_neck_values():
     up, same = neck(x)
     torch.testing.assert_close(up, F.interpolate(x[0], scale_factor=2, mode="bilinear", align_corners=False))
     torch.testing.assert_close(same, x[1])
+
+
+@pytest.mark.parametrize("stride,scales", [(16, (4, 2, 1, 0.5)), (8, (2, 1, 0.5, 0.25)), (4, (1, 0.5, 0.25, 0.125)),
+                                           (32, (8, 4, 2, 1)), (14, (4, 2, 1, 0.5))])
+def test_level_scales_aim_at_strides_4_to_32(stride, scales):
+    assert level_scales(stride) == scales
+
+
+def test_simple_pyramid_of_a_patch_4_map_pools_instead_of_upsampling():
+    spp = SimpleFeaturePyramid(8, out_channels=4, scales=level_scales(4))
+    assert isinstance(spp.rescale[0], torch.nn.Identity)
+    assert [m.kernel_size for m in spp.rescale[1:]] == [2, 4, 8]
+    x = torch.randn(1, 8, 16, 16)
+    levels = spp([x])
+    torch.testing.assert_close(levels[0], spp.output[0](x))
+    torch.testing.assert_close(levels[2], spp.output[2](F.max_pool2d(x, 4)))
+    assert [lv.shape[-1] for lv in levels] == [16, 8, 4, 2]
+    up = SimpleFeaturePyramid(16, out_channels=4, scales=level_scales(32))   # 8x: three deconvolutions 16->8->4->2
+    assert [m.out_channels for m in up.rescale[0] if isinstance(m, torch.nn.ConvTranspose2d)] == [8, 4, 2]
+    assert up([torch.randn(1, 16, 2, 2)])[0].shape == (1, 4, 16, 16)
 
 
 def test_simple_pyramid_levels_come_from_the_last_map():
@@ -256,6 +280,30 @@ def test_trunk_weights_load_from_a_classifier_checkpoint(tmp_path):
     load_trunk_weights(trunk, str(tmp_path / "cls.safetensors"))
     torch.testing.assert_close(trunk.blocks[2].attn.qkv.weight, classifier.blocks[2].attn.qkv.weight)
 
+
+
+def test_a_grayscale_stem_is_adapted_to_rgb_scenes(tmp_path):
+    gray = llamavit.create_model("visionllama_small_patch16_224", num_classes=10, img_size=32, in_chans=1,
+                                 **TINY_PLAIN)
+    save_file(gray.state_dict(), str(tmp_path / "gray.safetensors"))
+    rgb = llamavit.create_model("visionllama_small_patch16_224", num_classes=0, img_size=64, in_chans=3, **TINY_PLAIN)
+    load_trunk_weights(rgb, str(tmp_path / "gray.safetensors"))
+    # timm's rule: the one channel repeated over three and scaled by 1/3, so a gray image embeds as before
+    stem, source = rgb.patch_embed.proj.weight, gray.patch_embed.proj.weight
+    torch.testing.assert_close(stem, source.repeat(1, 3, 1, 1) / 3)
+    image = torch.rand(1, 1, 16, 16)
+    torch.testing.assert_close(F.conv2d(image.expand(1, 3, 16, 16), stem), F.conv2d(image, source))
+    torch.testing.assert_close(rgb.blocks[1].mlp.fc2.weight, gray.blocks[1].mlp.fc2.weight)
+
+
+def test_trunk_weights_load_from_a_shipped_name():
+    trunk = llamavit.create_model("illama_tiny_patch16_224", num_classes=0, img_size=96, in_chans=3, patch_size=4,
+                                  embed_dim=96, depth=6, num_heads=3, mlp_ratio=4.0)
+    load_trunk_weights(trunk, "illama_fmnist_patch4_28.fmnist")
+    shipped = llamavit.create_model("illama_fmnist_patch4_28.fmnist", pretrained=True)
+    torch.testing.assert_close(trunk.blocks[5].attn.qkv.weight, shipped.blocks[5].attn.qkv.weight)
+    with pytest.raises(CheckpointError, match="checkpoint not found: illama_fmnist_patch4_28.nothing"):
+        load_trunk_weights(trunk, "illama_fmnist_patch4_28.nothing")
 
 # --- the trainer and the command line on tiny scenes --------------------------------------------------------------
 @pytest.fixture(scope="module")

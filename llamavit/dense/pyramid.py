@@ -3,15 +3,18 @@
     native      a hierarchical trunk's own stages (pyramid VisionLLaMA, Twins, ResNet, ...): the last
                 feature of each of the four coarsest reductions it has (strides 4, 8, 16, 32 usually)
     simple      ViTDet's simple feature pyramid (Li et al. 2022) of a plain trunk's LAST block map
-                (stride p): deconvolutions to p/4 and p/2, identity at p, max-pooling to 2p, each
-                followed by a 1x1 and a 3x3 convolution with LayerNorm
+                (stride p): deconvolutions up, identity, max-pooling down to strides 4, 8, 16, 32 (patch 16:
+                p/4, p/2, p, 2p; patch 4: p, 2p, 4p, 8p; a patch that is not a power of two: p/4 ... 2p),
+                each followed by a 1x1 and a 3x3 convolution with LayerNorm
     multilevel  mmseg's MultiLevelNeck of four INTERMEDIATE block maps (by default blocks 1/3, 1/2, 2/3
                 and all the way down, [3, 5, 7, 11] at depth 12 as VisionLLaMA's UperNet config takes them):
-                a 1x1 convolution, bilinear rescaling by 4, 2, 1, 1/2 and a 3x3 convolution each
+                a 1x1 convolution, bilinear rescaling to the same strides as 'simple' and a 3x3 convolution each
 
 `DenseBackbone.forward(images (B, C, H, W)) -> [maps (B, C_i, H / s_i, W / s_i)]` with `out_channels` and
 `strides`; `size_divisor` is the input multiple that makes every level an exact halving of the one before.
 """
+import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -24,30 +27,49 @@ from timm.layers import LayerNorm2d
 
 from ..models import create_model, list_models, load_backbone, read_state_dict
 from ..models.convert import resolve_checkpoint
+from ..models.registry import SHIPPED
 
 PYRAMIDS = ("auto", "native", "simple", "multilevel")
 
 
-class SimpleFeaturePyramid(nn.Module):
-    """ViTDet's pyramid of one stride-p map (B, D, h, w) -> maps at strides p/4, p/2, p, 2p, `out_channels` wide."""
+def level_scales(stride: float) -> Tuple[float, ...]:
+    """How much each of the four levels rescales a plain trunk's stride-`stride` map: to strides 4, 8, 16, 32
+    when the stride is a power of two from 4 to 32 (patch 4 -> 1, 1/2, 1/4, 1/8; patch 16 -> 4, 2, 1, 1/2 as
+    ViTDet), otherwise ViTDet's 4, 2, 1, 1/2 (patch 14 -> strides 3.5 ... 28)."""
+    if stride in (4, 8, 16, 32):
+        return tuple(stride / target for target in (4, 8, 16, 32))
+    return (4.0, 2.0, 1.0, 0.5)
 
-    def __init__(self, dim: int, out_channels: int = 256):
+
+def _rescaler(dim: int, scale: float) -> Tuple[nn.Module, int]:
+    """(module, output width) taking (B, dim, h, w) to (B, width, h * scale, w * scale): stride-2 deconvolutions
+    halving the width (LayerNorm + GELU between), identity, or max-pooling."""
+    if scale <= 1:
+        return (nn.Identity() if scale == 1 else nn.MaxPool2d(round(1 / scale))), dim
+    layers, width = [], dim
+    for i in range(round(math.log2(scale))):
+        if i:
+            layers += [LayerNorm2d(width), nn.GELU()]
+        layers.append(nn.ConvTranspose2d(width, width // 2, 2, stride=2))
+        width //= 2
+    return (layers[0] if len(layers) == 1 else nn.Sequential(*layers)), width
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """ViTDet's pyramid of one stride-p map (B, D, h, w) -> four maps `out_channels` wide, rescaled by
+    `level_scales(p)` (p = 16: strides 4, 8, 16, 32 by two deconvolutions, one, identity and max-pooling)."""
+
+    def __init__(self, dim: int, out_channels: int = 256, scales: Sequence[float] = (4, 2, 1, 0.5)):
         super().__init__()
-        half, quarter = dim // 2, dim // 4
-        self.rescale = nn.ModuleList([
-            nn.Sequential(nn.ConvTranspose2d(dim, half, 2, stride=2), LayerNorm2d(half), nn.GELU(),
-                          nn.ConvTranspose2d(half, quarter, 2, stride=2)),
-            nn.ConvTranspose2d(dim, half, 2, stride=2),
-            nn.Identity(),
-            nn.MaxPool2d(2),
-        ])
+        rescalers = [_rescaler(dim, scale) for scale in scales]
+        self.rescale = nn.ModuleList(module for module, _ in rescalers)
         self.output = nn.ModuleList([
             nn.Sequential(nn.Conv2d(width, out_channels, 1, bias=False), LayerNorm2d(out_channels),
                           nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), LayerNorm2d(out_channels))
-            for width in (quarter, half, dim, dim)])
+            for _, width in rescalers])
 
     def forward(self, maps: List[torch.Tensor]) -> List[torch.Tensor]:
-        """[(B, D, h, w)] (the last block's map) -> four maps (B, out, 4h, 4w) ... (B, out, h // 2, w // 2)."""
+        """[(B, D, h, w)] (the last block's map) -> four maps (B, out, h * scale, w * scale), finest first."""
         return [out(rescale(maps[-1])) for rescale, out in zip(self.rescale, self.output)]
 
 
@@ -143,18 +165,19 @@ class DenseBackbone(nn.Module):
             self.strides = [float(info[i]["reduction"]) for i in levels]
         else:
             depth, dim, stride = len(info), info[-1]["num_chs"], float(info[-1]["reduction"])
+            scales = level_scales(stride)
             if pyramid == "simple":
                 self.indices = [depth - 1]
-                self.neck = SimpleFeaturePyramid(dim, cfg.out_channels)
+                self.neck = SimpleFeaturePyramid(dim, cfg.out_channels, scales)
                 self.out_channels = [cfg.out_channels] * 4
             else:
                 self.indices = list(cfg.block_indices or default_block_indices(depth))
                 bad = [i for i in self.indices if not 0 <= i < depth]
                 if bad:
                     raise ValueError(f"block_indices {bad} are outside the {depth} blocks of {cfg.name}")
-                self.neck = MultiLevelNeck(dim)
+                self.neck = MultiLevelNeck(dim, scales=scales)
                 self.out_channels = [dim] * 4
-            self.strides = [stride / 4, stride / 2, stride, stride * 2]
+            self.strides = [stride / scale for scale in scales]
         # the trunk keeps the blocks up to the last one tapped; its classifier (and unused norm) go
         trunk.prune_intermediate_layers(self.indices, prune_norm=not cfg.norm, prune_head=True)
         self.trunk = trunk
@@ -189,9 +212,12 @@ def build_trunk(name: str, img_size: int, in_chans: int, **kwargs) -> nn.Module:
 
 
 def load_trunk_weights(trunk: nn.Module, path: str) -> None:
-    """Initialise a trunk from a llamavit run (classification, AIM, MAE), an official release, an OpenMMLab
-    segmentation / detection / MAE file (`backbone.*`) or a timm file; heads of the source are ignored."""
+    """Initialise a trunk from a llamavit run (classification, AIM, MAE), weights llamavit ships (by name, e.g.
+    'illama_fmnist_patch4_28.fmnist'), an official release, an OpenMMLab segmentation / detection / MAE file
+    (`backbone.*`) or a timm file; heads of the source are ignored, a stem of another channel count adapted."""
     from .openmmlab import is_openmmlab_state, load_openmmlab_backbone
+    if not os.path.exists(path) and path in SHIPPED:
+        path = SHIPPED[path]
     path = resolve_checkpoint(path)
     raw = read_state_dict(path, state_keys=("state_dict", "model", "model_state"))   # read once, for either
     if is_openmmlab_state(raw):

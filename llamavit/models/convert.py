@@ -11,6 +11,7 @@ from typing import Dict, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file
+from timm.models import adapt_input_conv
 
 from ..errors import CheckpointError, DamagedCheckpointError
 
@@ -197,6 +198,7 @@ def load_backbone(model: nn.Module, path: str, raw: Optional[Dict[str, torch.Ten
     raw: the file's state dict when it was read already."""
     state = convert_state_dict(model, raw if raw is not None else read_state_dict(path))
     own = model.state_dict()
+    state = {k: _adapt_input_channels(v, own[k]) if k in own else v for k, v in state.items()}
     fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     missing = set(own) - set(fits)
     classifier = {k for k in own if _is_classifier(model, k)}
@@ -205,6 +207,16 @@ def load_backbone(model: nn.Module, path: str, raw: Optional[Dict[str, torch.Ten
                               f"{keys_report(missing - classifier)}")
     model.load_state_dict(fits, strict=False)
     return model
+
+
+def _adapt_input_channels(weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A convolution's (out, C, k, k) weight for `target`'s number of input channels, as timm adapts pretrained
+    stems (adapt_input_conv: a grayscale stem repeated over RGB and scaled, RGB summed for grayscale); any
+    other tensor as it is."""
+    if (weight.ndim == 4 and target.ndim == 4 and weight.shape[1] != target.shape[1]
+            and weight.shape[:1] + weight.shape[2:] == target.shape[:1] + target.shape[2:]):
+        return adapt_input_conv(target.shape[1], weight, base_chans=weight.shape[1])
+    return weight
 
 
 def _is_classifier(model: nn.Module, key: str) -> bool:
