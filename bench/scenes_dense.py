@@ -48,9 +48,10 @@ BACKBONES = {
     # CPU-sized: the shipped Fashion-MNIST models' trunks (patch 4, width 96, 6 blocks), stride 4 at 96 px
     "illama_p4": ("illama_tiny_patch16_224", dict(patch_size=4, embed_dim=96, depth=6, num_heads=3, mlp_ratio=4.0),
                   "simple", 96, ("zoo",), 32),
+    # RoPE positions 8 apart per patch at 96 px, as the shipped weights were trained (AS2DRoPE: 224 / 28 px)
     "visionllama_p4": ("visionllama_small_patch16_224",
                        dict(patch_size=4, embed_dim=96, depth=6, num_heads=3, class_token=False, global_pool="avg",
-                            rope_auto_scale=True), "simple", 96, ("zoo",), 32),
+                            rope_auto_scale=True, rope_ref_img_size=768), "simple", 96, ("zoo",), 32),
 }
 # 'zoo' initialises a CPU-sized arm from the weights llamavit ships for its trunk (trained on all of Fashion-MNIST
 # at 28 px: bench/release_weights.py), instead of a classification run of --pretrain-minutes
