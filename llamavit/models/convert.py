@@ -198,7 +198,9 @@ def load_backbone(model: nn.Module, path: str, raw: Optional[Dict[str, torch.Ten
     raw: the file's state dict when it was read already."""
     state = convert_state_dict(model, raw if raw is not None else read_state_dict(path))
     own = model.state_dict()
-    state = {k: _adapt_input_channels(v, own[k]) if k in own else v for k, v in state.items()}
+    image_chans = getattr(model, "in_chans", None)   # only the stem takes the image's channels
+    state = {k: _adapt_input_channels(v, own[k]) if k in own and own[k].ndim == 4 and own[k].shape[1] == image_chans
+             else v for k, v in state.items()}
     fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     missing = set(own) - set(fits)
     classifier = {k for k in own if _is_classifier(model, k)}
