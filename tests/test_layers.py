@@ -305,9 +305,38 @@ def test_rmsnorm_and_swiglu_save_less_with_the_same_gradients():
         mlp = SwiGLU(8, 16, bias=bias).double()
         assert torch.autograd.gradcheck(lambda x, *p, mlp=mlp: mlp(x), (x, *mlp.parameters()))
         _, shapes, _ = _saved(mlp, x)
-        assert shapes.count((3, 5, 16)) == 2   # gate and up; SiLU(gate) and the product are recomputed
+        # x and the stacked gate | up matmul's output; SiLU(gate) and the product are recomputed
+        assert (3, 5, 8) in shapes and (3, 5, 32) in shapes and (3, 5, 16) not in shapes
         reference = mlp.fc2(F.silu(mlp.fc1_g(x)) * mlp.fc1_x(x))
         torch.testing.assert_close(mlp(x), reference, atol=1e-12, rtol=1e-10)
+
+
+def test_swiglu_runs_wrapped_projections_through_their_own_forward():
+    """A LoRA-wrapped (peft) projection must not be bypassed by the fused training path: with grad the output equals
+    the no-grad output and the adapter gets a gradient."""
+    from peft import LoraConfig, get_peft_model
+
+    from llamavit.layers import SwiGLU
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = SwiGLU(8, 16, bias=False)
+
+        def forward(self, x):
+            return self.mlp(x)
+
+    for target in ("fc2", "fc1_g"):
+        torch.manual_seed(0)
+        net = get_peft_model(Net(), LoraConfig(r=2, target_modules=[target], init_lora_weights=False))
+        x = torch.randn(2, 3, 8, requires_grad=True)
+        with torch.no_grad():
+            expected = net(x)
+        out = net(x)
+        torch.testing.assert_close(out, expected)
+        out.sum().backward()
+        lora_grads = [p.grad for n, p in net.named_parameters() if "lora_" in n]
+        assert lora_grads and all(g is not None and g.abs().sum() > 0 for g in lora_grads), target
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.25, 0.7])
@@ -583,3 +612,26 @@ def test_patch_embed_errors_state_expected_and_given():
         pe(torch.randn(3, 32, 32))
     with pytest.raises(ValueError, match=r"input size 0x32 is not a positive multiple"):
         pe(torch.randn(1, 3, 0, 32))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-6), (torch.float32, 1e-6), (torch.bfloat16, 0.0)])
+def test_rotate_qkv_matches_split_then_rope_in_values_and_gradients(dtype, tol):
+    """The fused split + RoPE of the qkv projection (one gradient buffer) gives apply_rope's numbers on split heads,
+    with grouped-query heads, and a zero gradient for a head group that is not used."""
+    from llamavit.layers.rope import rotate_qkv
+    b, n, heads, kv_heads, d = 2, 5, 4, 2, 8
+    qkv = torch.randn(b, n, (heads + 2 * kv_heads) * d, dtype=dtype, requires_grad=True)
+    cos, sin = RotaryEmbedding(d, n)(n)
+    fused = rotate_qkv(qkv, heads, kv_heads, d, cos, sin)
+    q, k, v = qkv.view(b, n, -1, d).transpose(1, 2).split([heads, kv_heads, kv_heads], dim=1)
+    reference = (apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+    assert all(t.is_contiguous() for t in fused)   # ready for batched matmuls without a copy
+    grads = [torch.randn_like(t) for t in fused]
+    for ours, theirs in zip(fused, reference):
+        torch.testing.assert_close(ours, theirs, atol=tol, rtol=tol)
+    torch.testing.assert_close(torch.autograd.grad(fused, qkv, grads)[0], torch.autograd.grad(reference, qkv, grads)[0],
+                               atol=tol * 4, rtol=tol * 4)
+    q_only = torch.autograd.grad(rotate_qkv(qkv, heads, kv_heads, d, cos, sin)[0].sum(), qkv)[0]
+    assert q_only[..., heads * d:].abs().sum() == 0 and q_only[..., :heads * d].abs().sum() > 0
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda t: rotate_qkv(t, heads, kv_heads, d, cos.double(), sin.double()), (qkv,))

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .rope import apply_rope
+from .rope import apply_rope, rotate_qkv
 
 RopeTables = Optional[Tuple[torch.Tensor, torch.Tensor]]
 
@@ -184,10 +184,24 @@ def _wide(t: torch.Tensor, slot: int) -> torch.Tensor:
     return t.float() if out is None else out.copy_(t)
 
 
+def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q k^T / sqrt(d), (B, H, N, M), written into workspace slot 0 (the scale is the matmul's alpha: no pass
+    over q)."""
+    *batch, n, d = q.shape
+    m = k.shape[-2]
+    shape = torch.Size((*batch, n, m))
+    q3, k3 = q.reshape(-1, n, d), k.reshape(-1, m, d)
+    out = _scratch(0, shape, q.dtype, q.device)
+    if out is None:
+        return torch.baddbmm(q3.new_empty(()), q3, k3.transpose(1, 2), beta=0, alpha=d ** -0.5).view(shape)
+    out3 = out.view(-1, n, m)
+    return torch.baddbmm(out3, q3, k3.transpose(1, 2), beta=0, alpha=d ** -0.5, out=out3).view(shape)
+
+
 def _probabilities(q: torch.Tensor, k: torch.Tensor, keep: bool = False) -> torch.Tensor:
     """P = softmax(q k^T / sqrt(d)), (B, H, N, N) in float32 at least (as autocast's softmax); in workspace slot 0
     unless `keep` (a tensor of its own, saved for backward)."""
-    scores = _wide(_matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1), 0), 0)
+    scores = _wide(_scores(q, k), 0)
     return scores.softmax(dim=-1) if keep else torch.softmax(scores, dim=-1, out=scores)
 
 
@@ -353,7 +367,11 @@ class Attention(nn.Module):
     def qkv_heads(self, x: torch.Tensor, rope: RopeTables = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, N, dim) -> rotated q (B, H, N, d), k and v (B, Hkv, N, d)."""
         b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, -1, self.head_dim).transpose(1, 2).split(
+        qkv = self.qkv(x)
+        # traced (compile, export), the plain ops are the compiler's to fuse; rotate_qkv's out= writes are eager-only
+        if rope is not None and self.rope_layout == "interleaved" and not torch.compiler.is_compiling():
+            return rotate_qkv(qkv, self.num_heads, self.num_kv_heads, self.head_dim, *rope)
+        q, k, v = qkv.view(b, n, -1, self.head_dim).transpose(1, 2).split(
             [self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
         q, k = rotate_qk(q, k, rope, layout=self.rope_layout)
         return q, k, v

@@ -18,21 +18,28 @@ class _RMSNorm(torch.autograd.Function):
     def forward(ctx, x, weight, eps):
         scale = _rms_scale(x, eps)
         ctx.save_for_backward(x, weight, scale)
-        return (x * scale).type_as(x) * weight
+        ctx.x_dtype = x.dtype
+        normed = (x * scale).type_as(x)
+        return normed.mul_(weight) if normed.dtype == weight.dtype else normed * weight
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, weight, scale = ctx.saved_tensors
-        normed = x * scale                      # float32 at least, as scale
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            grad_weight = (grad * normed).flatten(0, -2).sum(0).to(weight.dtype)
-        grad_normed = grad * weight.to(normed.dtype)
-        # d/dx of x * s(x), s = rsqrt(mean(x^2) + eps): s * (g - x_hat * mean(g * x_hat))
-        dot = (grad_normed * normed).mean(dim=-1, keepdim=True)
-        grad_x = torch.addcmul(grad_normed, normed, dot, value=-1).mul_(scale)
-        return grad_x.to(x.dtype), grad_weight, None
+        wide = scale.dtype                      # float32 at least
+        x, grad = x.to(wide), grad.to(wide)
+        # LayerNorm's fused backward kernel with mean 0 and rstd = scale computes
+        #   scale * (g w - mean(g w) - x_hat * mean(g w x_hat))   and   sum(g * x_hat);
+        # RMSNorm's gradient is the same without the mean(g w) term, which is added back: one fused kernel and
+        # two light passes where the unfused formula takes seven
+        grad_x, grad_weight, _ = torch.ops.aten.native_layer_norm_backward(
+            grad, x, [x.shape[-1]], torch.zeros_like(scale), scale, weight.to(wide), None,
+            [True, ctx.needs_input_grad[1], False])
+        mean_gw = torch.matmul(grad, weight.to(wide)).unsqueeze(-1).div_(x.shape[-1])
+        grad_x = grad_x.add_(mean_gw.mul_(scale))
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_x.to(ctx.x_dtype), grad_weight, None
 
 
 class RMSNorm(nn.Module):

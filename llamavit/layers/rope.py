@@ -26,25 +26,94 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: st
     """Rotate channel pairs of x.
 
     x: (B, heads, N, head_dim); cos, sin: (N, head_dim // 2) float32. Returns x's shape and dtype;
-    the rotation itself runs in float32, as the reference implementations do.
+    the rotation itself runs in float32 at least, as the reference implementations do.
     """
     dtype = x.dtype
-    x = x.float()
+    x = x.float() if dtype in (torch.float16, torch.bfloat16) else x
     if layout == "interleaved":
         # pairs as complex numbers times e^{i angle}: one fused kernel, ~10x faster than four real products
-        rotation = torch.complex(cos, sin)
-        pairs = x.unflatten(-1, (-1, 2))
-        # q and k are strided views into the qkv projection: the complex view needs no copy when every
-        # stride but the last (1) and the offset are even, as they are for even head_dim
-        if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(st % 2 for st in pairs.stride()[:-1]):
-            pairs = pairs.contiguous()
-        out = torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2)
+        # q and k are strided views into the qkv projection: the complex view needs no copy for even head_dim
+        out = torch.view_as_real(_complex_pairs(x) * torch.complex(cos, sin)).flatten(-2)
     elif layout == "half":
         x1, x2 = x.chunk(2, dim=-1)
         out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     else:
         raise ValueError(f"unknown RoPE layout {layout!r}; expected one of {ROPE_LAYOUTS}")
     return out.to(dtype)
+
+
+def _complex_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(..., d) float -> (..., d // 2) complex view of its interleaved channel pairs (a copy only when the strides
+    do not allow a view)."""
+    pairs = x.unflatten(-1, (-1, 2))
+    if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(st % 2 for st in pairs.stride()[:-1]):
+        pairs = pairs.contiguous()
+    return torch.view_as_complex(pairs)
+
+
+def _rotate_into(dst: torch.Tensor, src: torch.Tensor, rotation: torch.Tensor) -> None:
+    """dst (..., d) = src (..., d) with its interleaved pairs times `rotation` (..., d // 2), in one pass when dst
+    is float32 / float64 (written through a complex view), else through a float32 temporary."""
+    product_dtype = torch.promote_types(torch.promote_types(src.dtype, torch.float32), rotation.real.dtype)
+    source = _complex_pairs(src.to(product_dtype))
+    if dst.dtype == product_dtype:
+        torch.mul(source, rotation, out=torch.view_as_complex(dst.unflatten(-1, (-1, 2))))
+    else:
+        dst.copy_(torch.view_as_real(source * rotation).flatten(-2))
+
+
+class _RotateQKV(torch.autograd.Function):
+    """The qkv projection's output (B, N, (H + 2 Hkv) d) -> rotated q (B, H, N, d), rotated k and v (B, Hkv, N, d),
+    each contiguous.
+
+    Autograd through split + RoPE would assemble the input gradient in two copies (a concatenation of the three
+    head groups, then a reshape out of the transposed layout); the backward here writes the un-rotated q and k
+    gradients and v's straight into one (B, N, H + 2 Hkv, d) buffer."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, num_heads, num_kv_heads, head_dim):
+        b, n, _ = qkv.shape
+        heads = qkv.view(b, n, -1, head_dim).transpose(1, 2)           # (B, H + 2 Hkv, N, d), a view
+        rotation = torch.complex(cos, sin)
+        q = torch.empty(b, num_heads, n, head_dim, dtype=qkv.dtype, device=qkv.device)
+        k = torch.empty(b, num_kv_heads, n, head_dim, dtype=qkv.dtype, device=qkv.device)
+        _rotate_into(q, heads[:, :num_heads], rotation)
+        _rotate_into(k, heads[:, num_heads:num_heads + num_kv_heads], rotation)
+        ctx.save_for_backward(cos, sin)
+        ctx.shape = (num_heads, num_kv_heads, head_dim)
+        # v too gets a buffer of its own: batched matmuls need it contiguous, and what attention saves for backward
+        # then no longer holds the whole projection output alive
+        return q, k, heads[:, num_heads + num_kv_heads:].contiguous()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_q, grad_k, grad_v):
+        cos, sin = ctx.saved_tensors
+        num_heads, num_kv_heads, head_dim = ctx.shape
+        like = next(g for g in (grad_q, grad_k, grad_v) if g is not None)
+        b, n = like.shape[0], like.shape[2]
+        grad_qkv = torch.empty(b, n, num_heads + 2 * num_kv_heads, head_dim, dtype=like.dtype, device=like.device)
+        heads = grad_qkv.transpose(1, 2)
+        unrotation = torch.complex(cos, -sin)
+        groups = ((grad_q, 0, num_heads), (grad_k, num_heads, num_kv_heads),
+                  (grad_v, num_heads + num_kv_heads, num_kv_heads))
+        for index, (grad, start, count) in enumerate(groups):
+            dst = heads[:, start:start + count]
+            if grad is None:
+                dst.zero_()
+            elif index < 2:
+                _rotate_into(dst, grad, unrotation)
+            else:
+                dst.copy_(grad)
+        return grad_qkv.flatten(2), None, None, None, None, None
+
+
+def rotate_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, cos: torch.Tensor,
+               sin: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split a qkv projection's output (B, N, (H + 2 Hkv) * d) into heads and apply interleaved RoPE (tables
+    (N, d // 2)) to q and k: -> q (B, H, N, d), k and v (B, Hkv, N, d), each contiguous; the same numbers as
+    `apply_rope` on the split heads."""
+    return _RotateQKV.apply(qkv, cos, sin, num_heads, num_kv_heads, head_dim)
 
 
 class RotaryEmbedding(nn.Module):
