@@ -635,3 +635,17 @@ def test_rotate_qkv_matches_split_then_rope_in_values_and_gradients(dtype, tol):
     assert q_only[..., heads * d:].abs().sum() == 0 and q_only[..., :heads * d].abs().sum() > 0
     if dtype == torch.float64:
         assert torch.autograd.gradcheck(lambda t: rotate_qkv(t, heads, kv_heads, d, cos.double(), sin.double()), (qkv,))
+
+
+def test_rope_tables_cached_under_inference_mode_serve_training():
+    """VisionLLaMA caches its 2D RoPE tables; an eval under inference_mode first (as a benchmark or a validation loop
+    does) must not make the next training step fail on saving inference tensors."""
+    import llamavit
+    model = llamavit.create_model("visionllama_fmnist_patch4_28")
+    x = torch.randn(2, model.in_chans if hasattr(model, "in_chans") else 1, 28, 28)
+    with torch.inference_mode():
+        expected = model.eval()(x)
+    out = model(x)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.blocks[0].attn.qkv.parameters())

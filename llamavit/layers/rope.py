@@ -79,7 +79,7 @@ class _RotateQKV(torch.autograd.Function):
         k = torch.empty(b, num_kv_heads, n, head_dim, dtype=qkv.dtype, device=qkv.device)
         _rotate_into(q, heads[:, :num_heads], rotation)
         _rotate_into(k, heads[:, num_heads:num_heads + num_kv_heads], rotation)
-        ctx.save_for_backward(cos, sin)
+        ctx.save_for_backward(rotation)   # not the tables: cached ones may be inference tensors, which cannot be saved
         ctx.shape = (num_heads, num_kv_heads, head_dim)
         # v too gets a buffer of its own: batched matmuls need it contiguous, and what attention saves for backward
         # then no longer holds the whole projection output alive
@@ -88,13 +88,13 @@ class _RotateQKV(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_q, grad_k, grad_v):
-        cos, sin = ctx.saved_tensors
+        rotation, = ctx.saved_tensors
         num_heads, num_kv_heads, head_dim = ctx.shape
         like = next(g for g in (grad_q, grad_k, grad_v) if g is not None)
         b, n = like.shape[0], like.shape[2]
         grad_qkv = torch.empty(b, n, num_heads + 2 * num_kv_heads, head_dim, dtype=like.dtype, device=like.device)
         heads = grad_qkv.transpose(1, 2)
-        unrotation = torch.complex(cos, -sin)
+        unrotation = rotation.conj()
         groups = ((grad_q, 0, num_heads), (grad_k, num_heads, num_kv_heads),
                   (grad_v, num_heads + num_kv_heads, num_kv_heads))
         for index, (grad, start, count) in enumerate(groups):
