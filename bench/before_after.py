@@ -12,6 +12,10 @@ quartiles (this machine's round-to-round noise is a few percent).
     python bench/before_after.py --ref a6438de                   # iLLaMA-T (soft mask r=0) and VisionLLaMA-S
     python bench/before_after.py --ref HEAD~3 --out bench/results/before_after.json
     python bench/before_after.py --ref a6438de --training        # + supervised, AIM, MAE, DiT: 8 steps each
+    python bench/before_after.py --ref 16d40d2 --train-steps --models illama_small_patch16_224
+
+--train-steps also times forward + backward (the path autograd takes; eval mode, so no dropout draws) in the same
+alternating rounds, after checking that both versions give the same gradients.
 
 --training runs each trainer of both versions for a few steps on synthetic data (tiny models, the same
 seed, one process) and compares the logged losses step by step: a refactor of the loop should leave them
@@ -147,6 +151,27 @@ def alternating_rounds(fns: dict, rounds: int, warmup: int, other_load) -> dict:
     return {"times": times, "other_cores": other}
 
 
+def train_step(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """Forward + backward of a scalar of the logits (the gradients left in the parameters)."""
+    model.zero_grad(set_to_none=True)
+    model(x).float().logsumexp(-1).mean().backward()
+
+
+def compare_train_steps(ref, ours, x: torch.Tensor, rounds: int, warmup: int, other_load) -> dict:
+    """Both models' gradients on x[:2] compared, then alternating timed train steps on x (ratio = ref s / ours s)."""
+    train_step(ref, x[:2])
+    train_step(ours, x[:2])
+    diff = max((a.grad - b.grad).abs().max().item() for a, b in zip(ref.parameters(), ours.parameters())
+               if a.grad is not None and b.grad is not None)
+    timing = alternating_rounds({"ref": lambda: train_step(ref, x), "ours": lambda: train_step(ours, x)},
+                                rounds, warmup, other_load)
+    ratios = sorted(r / o for r, o in zip(timing["times"]["ref"], timing["times"]["ours"]))
+    q1, q2, q3 = statistics.quantiles(ratios, n=4)
+    med = {k: statistics.median(v) for k, v in timing["times"].items()}
+    return {"max_abs_grad_diff": diff, "rounds": rounds, "ref_img_per_s": x.shape[0] / med["ref"],
+            "ours_img_per_s": x.shape[0] / med["ours"], "ratio_ours_over_ref": q2, "ratio_quartiles": [q1, q3]}
+
+
 def build_pair(name: str, kwargs: dict, ref_registry, ours_create):
     """(ref model, our model) from the same seed, eval mode; iLLaMA at soft-mask rate 0 (causal)."""
     torch.manual_seed(0)
@@ -171,6 +196,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--training", action="store_true", help="also compare the trainers' loss curves")
+    ap.add_argument("--train-steps", action="store_true", help="also time forward + backward steps")
+    ap.add_argument("--models", nargs="*", default=list(MODELS), help=f"registry names (default {list(MODELS)})")
     ap.add_argument("--out", help="write the JSON result here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -184,7 +211,8 @@ def main() -> None:
         x = torch.randn(args.batch, 3, args.img_size, args.img_size)
         result = {"ref": commit, "batch": args.batch, "img_size": args.img_size, "threads": args.threads,
                   "cpu": cpu_model(), "cpu_flags": cpu_flags(), "torch": torch.__version__, "models": {}}
-        for name, kwargs in MODELS.items():
+        for name in args.models:
+            kwargs = MODELS.get(name, {})
             ref, ours = build_pair(name, {"img_size": args.img_size, **kwargs}, ref_registry, llamavit.create_model)
             same = all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), ours.state_dict().values()))
             with torch.inference_mode():
@@ -212,6 +240,12 @@ def main() -> None:
             print(f"{name}: ref {row['ref_img_per_s']:.1f} img/s, ours {row['ours_img_per_s']:.1f} img/s, "
                   f"ratio {q2:.3f} (quartiles {q1:.3f}-{q3:.3f}; {row['quiet_rounds']}/{row['rounds']} quiet rounds; "
                   f"same weights {same}, max |logit diff| {diff:.1e})")
+            if args.train_steps:
+                row["train_steps"] = compare_train_steps(ref, ours, x, args.rounds, args.warmup, OtherLoad)
+                t = row["train_steps"]
+                print(f"{name} train steps: ref {t['ref_img_per_s']:.2f} img/s, ours {t['ours_img_per_s']:.2f} img/s, "
+                      f"ratio {t['ratio_ours_over_ref']:.3f} (quartiles {t['ratio_quartiles'][0]:.3f}-"
+                      f"{t['ratio_quartiles'][1]:.3f}), max |grad diff| {t['max_abs_grad_diff']:.1e}")
         if args.training:
             ref = importlib.import_module("llamavit_ref")
             importlib.import_module("llamavit_ref.train")

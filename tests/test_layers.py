@@ -305,8 +305,7 @@ def test_rmsnorm_and_swiglu_save_less_with_the_same_gradients():
         mlp = SwiGLU(8, 16, bias=bias).double()
         assert torch.autograd.gradcheck(lambda x, *p, mlp=mlp: mlp(x), (x, *mlp.parameters()))
         _, shapes, _ = _saved(mlp, x)
-        # x and the stacked gate | up matmul's output; SiLU(gate) and the product are recomputed
-        assert (3, 5, 8) in shapes and (3, 5, 32) in shapes and (3, 5, 16) not in shapes
+        assert shapes.count((3, 5, 16)) == 2   # gate and up; SiLU(gate) and the product are recomputed
         reference = mlp.fc2(F.silu(mlp.fc1_g(x)) * mlp.fc1_x(x))
         torch.testing.assert_close(mlp(x), reference, atol=1e-12, rtol=1e-10)
 
