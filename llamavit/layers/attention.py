@@ -169,11 +169,17 @@ def _scratch(slot: int, shape: torch.Size, dtype: torch.dtype, device: torch.dev
     return buffer[:numel].view(shape)
 
 
-def _matmul(a: torch.Tensor, b: torch.Tensor, slot: int) -> torch.Tensor:
-    """a @ b written into workspace `slot` (a fresh tensor when the workspace would be too large)."""
-    shape = torch.Size((*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1]))
+def _matmul(a: torch.Tensor, b: torch.Tensor, slot: int, alpha: float = 1.0) -> torch.Tensor:
+    """alpha * a @ b for a (..., N, K), b (..., K, M) with the same batch dims -> (..., N, M), written into workspace
+    `slot` (a fresh tensor when the workspace would be too large); alpha is the matmul's, not a pass of its own."""
+    *batch, n, k = a.shape
+    shape = torch.Size((*batch, n, b.shape[-1]))
+    a3, b3 = a.reshape(-1, n, k), b.reshape(-1, k, b.shape[-1])
     out = _scratch(slot, shape, torch.promote_types(a.dtype, b.dtype), a.device)
-    return torch.matmul(a, b) if out is None else torch.matmul(a, b, out=out)
+    if out is None:
+        return torch.baddbmm(a3.new_empty(()), a3, b3, beta=0, alpha=alpha).view(shape)
+    out3 = out.view(-1, n, shape[-1])
+    return torch.baddbmm(out3, a3, b3, beta=0, alpha=alpha, out=out3).view(shape)
 
 
 def _wide(t: torch.Tensor, slot: int) -> torch.Tensor:
@@ -184,24 +190,10 @@ def _wide(t: torch.Tensor, slot: int) -> torch.Tensor:
     return t.float() if out is None else out.copy_(t)
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """q k^T / sqrt(d), (B, H, N, M), written into workspace slot 0 (the scale is the matmul's alpha: no pass
-    over q)."""
-    *batch, n, d = q.shape
-    m = k.shape[-2]
-    shape = torch.Size((*batch, n, m))
-    q3, k3 = q.reshape(-1, n, d), k.reshape(-1, m, d)
-    out = _scratch(0, shape, q.dtype, q.device)
-    if out is None:
-        return torch.baddbmm(q3.new_empty(()), q3, k3.transpose(1, 2), beta=0, alpha=d ** -0.5).view(shape)
-    out3 = out.view(-1, n, m)
-    return torch.baddbmm(out3, q3, k3.transpose(1, 2), beta=0, alpha=d ** -0.5, out=out3).view(shape)
-
-
 def _probabilities(q: torch.Tensor, k: torch.Tensor, keep: bool = False) -> torch.Tensor:
     """P = softmax(q k^T / sqrt(d)), (B, H, N, N) in float32 at least (as autocast's softmax); in workspace slot 0
     unless `keep` (a tensor of its own, saved for backward)."""
-    scores = _wide(_scores(q, k), 0)
+    scores = _wide(_matmul(q, k.transpose(-2, -1), 0, alpha=q.shape[-1] ** -0.5), 0)
     return scores.softmax(dim=-1) if keep else torch.softmax(scores, dim=-1, out=scores)
 
 
