@@ -15,7 +15,11 @@ quartiles (this machine's round-to-round noise is a few percent).
     python bench/before_after.py --ref 16d40d2 --train-steps --models illama_small_patch16_224
 
 --train-steps also times forward + backward (the path autograd takes; eval mode, so no dropout draws) in the same
-alternating rounds, after checking that both versions give the same gradients.
+alternating rounds, after checking that both versions give the same gradients; `--peers` (one timm name per
+model) adds the timm peer to those rounds, so both versions' ratios to it come from one run.
+
+    python bench/before_after.py --ref 16d40d2 --train-steps --models illama_tiny_patch16_224 \
+        --peers deit_tiny_patch16_224
 
 --training runs each trainer of both versions for a few steps on synthetic data (tiny models, the same
 seed, one process) and compares the logged losses step by step: a refactor of the loop should leave them
@@ -34,6 +38,7 @@ import tempfile
 import time
 import warnings
 
+import timm
 import torch
 from timm.models import _registry as timm_registry
 
@@ -157,19 +162,28 @@ def train_step(model: torch.nn.Module, x: torch.Tensor) -> None:
     model(x).float().logsumexp(-1).mean().backward()
 
 
-def compare_train_steps(ref, ours, x: torch.Tensor, rounds: int, warmup: int, other_load) -> dict:
-    """Both models' gradients on x[:2] compared, then alternating timed train steps on x (ratio = ref s / ours s)."""
+def compare_train_steps(ref, ours, x: torch.Tensor, rounds: int, warmup: int, other_load, peer=None) -> dict:
+    """Both models' gradients on x[:2] compared, then alternating timed train steps on x (ratio = ref s / ours s);
+    with a peer model, it runs in the same rounds and each version's ratio to it is reported too."""
     train_step(ref, x[:2])
     train_step(ours, x[:2])
     diff = max((a.grad - b.grad).abs().max().item() for a, b in zip(ref.parameters(), ours.parameters())
                if a.grad is not None and b.grad is not None)
-    timing = alternating_rounds({"ref": lambda: train_step(ref, x), "ours": lambda: train_step(ours, x)},
-                                rounds, warmup, other_load)
-    ratios = sorted(r / o for r, o in zip(timing["times"]["ref"], timing["times"]["ours"]))
-    q1, q2, q3 = statistics.quantiles(ratios, n=4)
-    med = {k: statistics.median(v) for k, v in timing["times"].items()}
-    return {"max_abs_grad_diff": diff, "rounds": rounds, "ref_img_per_s": x.shape[0] / med["ref"],
-            "ours_img_per_s": x.shape[0] / med["ours"], "ratio_ours_over_ref": q2, "ratio_quartiles": [q1, q3]}
+    fns = {"ref": lambda: train_step(ref, x), "ours": lambda: train_step(ours, x)}
+    if peer is not None:
+        fns["peer"] = lambda: train_step(peer, x)
+    times = alternating_rounds(fns, rounds, warmup, other_load)["times"]
+
+    def per_round(num: str, den: str) -> list:
+        return sorted(a / b for a, b in zip(times[num], times[den]))
+
+    q1, q2, q3 = statistics.quantiles(per_round("ref", "ours"), n=4)
+    result = {"max_abs_grad_diff": diff, "rounds": rounds, "ratio_ours_over_ref": q2, "ratio_quartiles": [q1, q3],
+              **{f"{k}_img_per_s": x.shape[0] / statistics.median(v) for k, v in times.items()}}
+    if peer is not None:
+        result["ref_vs_peer"] = statistics.median(per_round("peer", "ref"))
+        result["ours_vs_peer"] = statistics.median(per_round("peer", "ours"))
+    return result
 
 
 def build_pair(name: str, kwargs: dict, ref_registry, ours_create):
@@ -198,8 +212,11 @@ def main() -> None:
     ap.add_argument("--training", action="store_true", help="also compare the trainers' loss curves")
     ap.add_argument("--train-steps", action="store_true", help="also time forward + backward steps")
     ap.add_argument("--models", nargs="*", default=list(MODELS), help=f"registry names (default {list(MODELS)})")
+    ap.add_argument("--peers", nargs="*", help="with --train-steps: a timm model per --models entry, timed beside")
     ap.add_argument("--out", help="write the JSON result here")
     args = ap.parse_args()
+    if args.peers and (not args.train_steps or len(args.peers) != len(args.models)):
+        ap.error(f"--peers takes one timm name per --models entry ({len(args.models)}) and needs --train-steps")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Overwriting")   # both packages register the same names in timm
     with tempfile.TemporaryDirectory() as root:
@@ -211,7 +228,7 @@ def main() -> None:
         x = torch.randn(args.batch, 3, args.img_size, args.img_size)
         result = {"ref": commit, "batch": args.batch, "img_size": args.img_size, "threads": args.threads,
                   "cpu": cpu_model(), "cpu_flags": cpu_flags(), "torch": torch.__version__, "models": {}}
-        for name in args.models:
+        for index, name in enumerate(args.models):
             kwargs = MODELS.get(name, {})
             ref, ours = build_pair(name, {"img_size": args.img_size, **kwargs}, ref_registry, llamavit.create_model)
             same = all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), ours.state_dict().values()))
@@ -241,11 +258,18 @@ def main() -> None:
                   f"ratio {q2:.3f} (quartiles {q1:.3f}-{q3:.3f}; {row['quiet_rounds']}/{row['rounds']} quiet rounds; "
                   f"same weights {same}, max |logit diff| {diff:.1e})")
             if args.train_steps:
-                row["train_steps"] = compare_train_steps(ref, ours, x, args.rounds, args.warmup, OtherLoad)
+                peer = None
+                if args.peers:
+                    peer = timm.create_model(args.peers[index], img_size=args.img_size).eval()
+                row["train_steps"] = compare_train_steps(ref, ours, x, args.rounds, args.warmup, OtherLoad, peer)
                 t = row["train_steps"]
                 print(f"{name} train steps: ref {t['ref_img_per_s']:.2f} img/s, ours {t['ours_img_per_s']:.2f} img/s, "
                       f"ratio {t['ratio_ours_over_ref']:.3f} (quartiles {t['ratio_quartiles'][0]:.3f}-"
                       f"{t['ratio_quartiles'][1]:.3f}), max |grad diff| {t['max_abs_grad_diff']:.1e}")
+                if peer is not None:
+                    print(f"  beside {args.peers[index]} ({t['peer_img_per_s']:.2f} img/s): "
+                          f"ref {t['ref_vs_peer']:.3f}x, ours {t['ours_vs_peer']:.3f}x the peer "
+                          f"(medians of per-round ratios)")
         if args.training:
             ref = importlib.import_module("llamavit_ref")
             importlib.import_module("llamavit_ref.train")
