@@ -31,6 +31,7 @@ from .cli_dense import add_detect_parser, add_scenes_parser, add_segment_parser,
 from .cli_generate import add_generate_parser, cmd_generate
 from .cli_options import add_config_flags, config_from_args, flag_values, run_and_print
 from .errors import USER_ERRORS
+from .heap import keep_freed_memory
 
 DESCRIPTION = "llamavit: build, train, evaluate and run LLaMA-style vision transformers."
 
@@ -282,6 +283,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         set_threads(getattr(args, "threads", None))
+        keep_freed_memory()
         COMMANDS[args.command](args)
     except USER_ERRORS as e:
         if args.debug:
